@@ -1,0 +1,97 @@
+"""Service settings, read from the environment (``LORAFORGE_*``) once per process.
+
+Nothing here runs at import time: build a ``Settings`` with :func:`get_settings` (cached) or
+directly in tests.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the API, the worker and the engine need to find each other."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAFORGE_", env_file=".env", extra="ignore")
+
+    # Root of the embedded default: SQLite file, broker folders, blobs, built models.
+    home: Path = Path("./.loraforge")
+    # Empty means the embedded SQLite file under ``home``; ``postgresql://...`` switches to PostgreSQL.
+    database_url: str = ""
+    # Empty means kombu's filesystem transport under ``home`` (no server); ``redis://...`` for Redis.
+    broker_url: str = ""
+    # Where the model catalog lives; empty means the ``configs/models.yaml`` shipped with the package.
+    models_config: Path | None = None
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    engine_host: str = "127.0.0.1"
+    engine_port: int = 8100
+    # Base model -> engine URLs that serve it, e.g. ``{"loraforge/tiny-llama": ["http://127.0.0.1:8100"]}``.
+    # Empty means: the one local engine (``engine_host:engine_port``) serves ``serve_base_model``.
+    engines: dict[str, list[str]] = Field(default_factory=dict)
+    # The base model ``loraforge serve`` starts an engine for.
+    serve_base_model: str = "loraforge/tiny-llama"
+
+    # Largest file accepted by ``POST /v1/files`` (bytes).
+    max_upload_bytes: int = 100 * 1024 * 1024
+    # Worker: how often the running trainer's cancel flag is checked (seconds).
+    cancel_poll_seconds: float = 0.5
+    # Broker polling for the filesystem transport (seconds).
+    broker_poll_seconds: float = 0.1
+    worker_concurrency: int = 2
+    # Python used to run the trainer subprocess; empty means the worker's own interpreter.
+    trainer_python: str = ""
+    # Threads for CPU training/inference; 0 leaves torch's default.
+    torch_threads: int = 0
+
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        url = self.database_url or f"sqlite:///{self.home / 'loraforge.sqlite'}"
+        # ``postgresql://`` means psycopg 3 here, the driver we install.
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        return url
+
+    @property
+    def celery_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.home / "blobs"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
+
+    def engine_urls(self, base_model: str) -> list[str]:
+        """The engines that serve ``base_model`` (empty if none)."""
+        if self.engines:
+            return list(self.engines.get(base_model, []))
+        if base_model == self.serve_base_model:
+            return [f"http://{self.engine_host}:{self.engine_port}"]
+        return []
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    return Settings()
