@@ -39,7 +39,9 @@ def load_tokenizer(entry: BaseModelEntry, models_dir: Path) -> Any:
     return tokenizer
 
 
-def load_model(entry: BaseModelEntry, models_dir: Path, *, device: str = "cpu", dtype: str | None = None) -> Any:
+def load_model(
+    entry: BaseModelEntry, models_dir: Path, *, device: str = "cpu", dtype: str | None = None
+) -> Any:
     """The base model's weights as an ``AutoModelForCausalLM`` on ``device``."""
     import torch
     from transformers import AutoModelForCausalLM

@@ -47,7 +47,9 @@ def _corpus(n_lines: int = 4000) -> list[str]:
             lines.append(
                 f'{{"{k1}": "{rng.choice(_WORDS)}", "{k2}": {rng.randint(0, 999)}, "{k3}": {rng.random():.2f}}}'
             )
-        lines.append(" ".join(words).capitalize() + rng.choice([".", "?", "!", ":"]) + f" {rng.randint(0, 9999)}")
+        lines.append(
+            " ".join(words).capitalize() + rng.choice([".", "?", "!", ":"]) + f" {rng.randint(0, 9999)}"
+        )
     return lines
 
 
@@ -114,7 +116,10 @@ def build_tiny_llama(output_dir: Path, chat_template: str) -> Path:
         model.lm_head.weight.normal_(mean=0.0, std=LM_HEAD_STD)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=[tokenizer.convert_tokens_to_ids("<|eot_id|>"), tokenizer.convert_tokens_to_ids("<|end_of_text|>")],
+        eos_token_id=[
+            tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+            tokenizer.convert_tokens_to_ids("<|end_of_text|>"),
+        ],
         pad_token_id=tokenizer.pad_token_id,
     )
 

@@ -1,0 +1,94 @@
+"""The registry: public fine-tuned model names -> adapter directories, and the engines that
+serve them. Users name adapters; they never send paths (vLLM's ``LoRARequest`` advice)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from loraforge.adapters.format import validate_adapter_dir
+from loraforge.db.models import FineTunedModel, Organization
+from loraforge.errors import ModelNotFoundError
+from loraforge.ids import now
+from loraforge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def register(session: Session, *, name: str, org_id: str, job_id: str, adapter_dir: Path) -> FineTunedModel:
+    """Record a finished adapter under its public ``name`` (the manifest must be valid)."""
+    manifest = validate_adapter_dir(adapter_dir)
+    model = FineTunedModel(
+        id=name,
+        org_id=org_id,
+        job_id=job_id,
+        base_model=manifest.base_model,
+        adapter_path=str(adapter_dir),
+        created_at=now(),
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def load_into_engines(settings: Settings, model: FineTunedModel) -> list[str]:
+    """Hot-load ``model`` into every engine serving its base; return the URLs that failed.
+
+    A failure is not fatal: the API loads an adapter on the first request that names it.
+    """
+    from loraforge.serving.client import EngineClient
+
+    failed = []
+    for url in settings.engine_urls(model.base_model):
+        try:
+            EngineClient(url).load_adapter_sync(model.id, model.adapter_path)
+        except Exception as exc:  # noqa: BLE001 - any engine failure is reported, not raised
+            log.warning("could not load %s into %s: %s", model.id, url, exc)
+            failed.append(url)
+    return failed
+
+
+def unload_from_engines(settings: Settings, model: FineTunedModel) -> None:
+    from loraforge.serving.client import EngineClient
+
+    for url in settings.engine_urls(model.base_model):
+        try:
+            EngineClient(url).unload_adapter_sync(model.id)
+        except Exception as exc:  # noqa: BLE001
+            log.info("unload of %s from %s: %s", model.id, url, exc)
+
+
+def get_fine_tuned_model(session: Session, org: Organization, name: str) -> FineTunedModel:
+    """The org's fine-tuned model ``name``; another org's model is reported as not found."""
+    model = session.execute(
+        select(FineTunedModel).where(FineTunedModel.id == name, FineTunedModel.org_id == org.id)
+    ).scalar_one_or_none()
+    if model is None:
+        raise ModelNotFoundError(name)
+    return model
+
+
+def list_fine_tuned_models(session: Session, org: Organization) -> list[FineTunedModel]:
+    return list(
+        session.execute(
+            select(FineTunedModel).where(FineTunedModel.org_id == org.id).order_by(FineTunedModel.seq)
+        ).scalars()
+    )
+
+
+def delete_fine_tuned_model(session: Session, org: Organization, name: str) -> FineTunedModel:
+    model = get_fine_tuned_model(session, org, name)
+    session.delete(model)
+    session.flush()
+    return model
+
+
+def delete_fine_tuned_model_by_name(session: Session, name: str) -> None:
+    """Remove a registration whatever its org (used when a job is cancelled at the last moment)."""
+    model = session.execute(select(FineTunedModel).where(FineTunedModel.id == name)).scalar_one_or_none()
+    if model is not None:
+        session.delete(model)
+        session.flush()

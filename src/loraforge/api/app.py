@@ -1,0 +1,80 @@
+"""The API process: OpenAI's REST surface under ``/v1``. Never imports torch."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from loraforge.api.deps import Dispatcher, Services
+from loraforge.api.errors import error_body, install_error_handlers
+from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models
+from loraforge.catalog import load_catalog
+from loraforge.db.session import make_engine, make_sessionmaker, migrate
+from loraforge.settings import Settings
+from loraforge.storage.blobs import BlobStore
+
+# Multipart framing and the form fields come on top of the file itself.
+_MULTIPART_SLACK = 64 * 1024
+
+
+def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> FastAPI:
+    """Build the API app. ``dispatcher`` defaults to Celery on ``settings.broker_url``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        migrate(settings)
+        engine = make_engine(settings)
+        if dispatcher is None:
+            from loraforge.queue.dispatch import CeleryDispatcher
+
+            chosen: Dispatcher = CeleryDispatcher(settings)
+        else:
+            chosen = dispatcher
+        app.state.services = Services(
+            settings=settings,
+            sessions=make_sessionmaker(engine),
+            catalog=load_catalog(settings.models_config),
+            blobs=BlobStore(str(settings.blobs_dir)),
+            dispatcher=chosen,
+        )
+        yield
+        engine.dispose()
+
+    app = FastAPI(title="loraforge", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def upload_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        # Refuse an oversized upload before its body is read (the route also counts bytes).
+        length = request.headers.get("content-length")
+        if (
+            request.method == "POST"
+            and request.url.path == "/v1/files"
+            and length
+            and length.isdigit()
+            and int(length) > settings.max_upload_bytes + _MULTIPART_SLACK
+        ):
+            return JSONResponse(
+                error_body(
+                    f"File is larger than the {settings.max_upload_bytes} byte limit for uploads.",
+                    "invalid_request_error",
+                    "file",
+                    "file_too_large",
+                ),
+                status_code=413,
+            )
+        return await call_next(request)
+
+    v1 = APIRouter(prefix="/v1")
+    for module in (files, fine_tuning_jobs, models, chat_completions):
+        v1.include_router(module.router)
+    app.include_router(v1)
+
+    @app.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app

@@ -1,0 +1,75 @@
+"""FastAPI dependencies: the app's services, a DB session, and the caller's organization."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Protocol
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session, sessionmaker
+
+from loraforge.catalog import Catalog
+from loraforge.db.models import Organization
+from loraforge.errors import AuthenticationError
+from loraforge.orgs import authenticate
+from loraforge.settings import Settings
+from loraforge.storage.blobs import BlobStore
+
+
+class Dispatcher(Protocol):
+    """Hands work to the workers (Celery in production)."""
+
+    def validate_job(self, job_id: str) -> None: ...
+
+
+@dataclass
+class Services:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    catalog: Catalog
+    blobs: BlobStore
+    dispatcher: Dispatcher
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_session(services: ServicesDep) -> Iterator[Session]:
+    """One session per request, committed when the route returns without error."""
+    session = services.sessions()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+def get_org(request: Request, services: ServicesDep) -> Organization:
+    """The organization of the bearer key; 401 in OpenAI's envelope otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise AuthenticationError(
+            "You didn't provide an API key. You need to provide your API key in an Authorization "
+            "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+        )
+    with services.sessions() as session:
+        org = authenticate(session, key.strip())
+    if org is None:
+        raise AuthenticationError(f"Incorrect API key provided: {key[:6]}****{key[-4:]}.")
+    return org
+
+
+OrgDep = Annotated[Organization, Depends(get_org)]

@@ -1,0 +1,85 @@
+"""``/v1/files`` — upload, list, retrieve, content, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import StreamingResponse
+
+from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.schemas.common import list_page
+from loraforge.api.schemas.files import file_public
+from loraforge.errors import InvalidRequestError
+from loraforge.storage import files
+
+router = APIRouter(prefix="/files", tags=["files"])
+
+
+@router.post("")
+def create_file(
+    services: ServicesDep,
+    session: SessionDep,
+    org: OrgDep,
+    file: UploadFile = File(...),
+    purpose: str = Form(...),
+    expires_anchor: str | None = Form(None, alias="expires_after[anchor]"),
+    expires_seconds: int | None = Form(None, alias="expires_after[seconds]"),
+) -> dict[str, Any]:
+    """Upload a file (multipart), streamed to storage."""
+    if expires_seconds is not None and not 3600 <= expires_seconds <= 2592000:
+        raise InvalidRequestError(
+            "expires_after[seconds] must be between 3600 and 2592000.", param="expires_after.seconds"
+        )
+    if expires_anchor not in (None, "created_at"):
+        raise InvalidRequestError("expires_after[anchor] must be 'created_at'.", param="expires_after.anchor")
+    record = files.create_file(
+        session,
+        services.blobs,
+        org,
+        stream=file.file,
+        filename=file.filename or "upload",
+        purpose=purpose,
+        max_bytes=services.settings.max_upload_bytes,
+        expires_after_seconds=expires_seconds,
+    )
+    return file_public(record)
+
+
+@router.get("")
+def list_files(
+    session: SessionDep,
+    org: OrgDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
+    order: Literal["asc", "desc"] = "desc",
+    purpose: str | None = None,
+) -> dict[str, Any]:
+    """List the organization's files."""
+    rows, has_more = files.list_files(session, org, purpose=purpose, after=after, limit=limit, order=order)
+    return list_page([file_public(r) for r in rows], has_more)
+
+
+@router.get("/{file_id}")
+def retrieve_file(session: SessionDep, org: OrgDep, file_id: str) -> dict[str, Any]:
+    """Retrieve a file object."""
+    return file_public(files.get_file(session, org, file_id))
+
+
+@router.get("/{file_id}/content")
+def file_content(services: ServicesDep, session: SessionDep, org: OrgDep, file_id: str) -> StreamingResponse:
+    """The file's bytes, streamed."""
+    record = files.get_file(session, org, file_id)
+    media = "text/csv" if record.filename.endswith(".csv") else "application/octet-stream"
+    return StreamingResponse(
+        services.blobs.iter_bytes(record.storage_key),
+        media_type=media,
+        headers={"content-disposition": f'attachment; filename="{record.filename}"'},
+    )
+
+
+@router.delete("/{file_id}")
+def delete_file(services: ServicesDep, session: SessionDep, org: OrgDep, file_id: str) -> dict[str, Any]:
+    """Delete a file and its bytes."""
+    record = files.delete_file(session, services.blobs, org, file_id)
+    return {"id": record.id, "object": "file", "deleted": True}

@@ -1,0 +1,84 @@
+"""``/v1/fine_tuning/jobs`` — create, list, retrieve, cancel, events, checkpoints."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+
+from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.schemas.common import list_page
+from loraforge.api.schemas.fine_tuning import event_public, job_public
+from loraforge.jobs import service
+from loraforge.jobs.params import JobCreateParams
+
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"])
+
+_METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
+
+
+@router.post("")
+def create_job(
+    services: ServicesDep, session: SessionDep, org: OrgDep, params: JobCreateParams
+) -> dict[str, Any]:
+    """Create a fine-tuning job; validation and training run on the workers."""
+    job = service.create_job(session, services.catalog, org, params)
+    session.commit()
+    services.dispatcher.validate_job(job.id)
+    return job_public(job, org)
+
+
+@router.get("")
+def list_jobs(
+    request: Request,
+    session: SessionDep,
+    org: OrgDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    """List the organization's jobs, newest first; ``metadata[k]=v`` filters."""
+    metadata = {}
+    for key, value in request.query_params.multi_items():
+        if match := _METADATA_KEY.match(key):
+            metadata[match.group(1)] = value
+    rows, has_more = service.list_jobs(session, org, after=after, limit=limit, metadata=metadata)
+    return list_page([job_public(j, org) for j in rows], has_more)
+
+
+@router.get("/{job_id}")
+def retrieve_job(session: SessionDep, org: OrgDep, job_id: str) -> dict[str, Any]:
+    """Retrieve a job."""
+    return job_public(service.get_job(session, org, job_id), org)
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(session: SessionDep, org: OrgDep, job_id: str) -> dict[str, Any]:
+    """Cancel an unfinished job (the SDK sends an empty body)."""
+    return job_public(service.cancel_job(session, org, job_id), org)
+
+
+@router.get("/{job_id}/events")
+def list_events(
+    session: SessionDep,
+    org: OrgDep,
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict[str, Any]:
+    """The job's events, newest first."""
+    rows, has_more = service.list_events(session, org, job_id, after=after, limit=limit)
+    return list_page([event_public(e) for e in rows], has_more)
+
+
+@router.get("/{job_id}/checkpoints")
+def list_checkpoints(
+    session: SessionDep,
+    org: OrgDep,
+    job_id: str,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 10,
+) -> dict[str, Any]:
+    """The job's checkpoints, newest first (none are kept yet)."""
+    service.get_job(session, org, job_id)
+    return list_page([], False)

@@ -1,0 +1,44 @@
+"""``FineTuningJob``, ``FineTuningJobEvent`` and checkpoint objects as OpenAI returns them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loraforge.db.models import Job, JobEvent, Organization
+
+
+def job_public(job: Job, org: Organization) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "object": "fine_tuning.job",
+        "created_at": job.created_at,
+        "error": job.error or None,
+        "fine_tuned_model": job.fine_tuned_model,
+        "finished_at": job.finished_at,
+        "hyperparameters": dict(job.hyperparameters),
+        "model": job.model,
+        "organization_id": org.id,
+        "result_files": list(job.result_files or []),
+        "seed": job.seed,
+        "status": job.status,
+        "trained_tokens": job.trained_tokens,
+        "training_file": job.training_file,
+        "validation_file": job.validation_file,
+        "estimated_finish": job.estimated_finish,
+        "integrations": None,
+        "metadata": job.user_metadata,
+        "method": job.method,
+        "user_provided_suffix": job.suffix,
+    }
+
+
+def event_public(event: JobEvent) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "object": "fine_tuning.job.event",
+        "created_at": event.created_at,
+        "level": event.level,
+        "message": event.message,
+        "data": event.data or {},
+        "type": event.type,
+    }

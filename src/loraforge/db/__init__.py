@@ -1,0 +1,1 @@
+"""SQLAlchemy models and the database engine (SQLite by default, PostgreSQL by URL)."""

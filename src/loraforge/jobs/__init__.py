@@ -1,0 +1,1 @@
+"""Fine-tuning jobs: parameters, the state machine and its events, naming, creation and cancel."""

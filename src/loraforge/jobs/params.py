@@ -1,0 +1,71 @@
+"""The body of ``POST /v1/fine_tuning/jobs``, validated with OpenAI's ranges.
+
+Unknown fields are rejected (OpenAI: "Unrecognized request argument supplied"), and ``null`` is
+accepted for every optional field, as the SDK sends it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+Auto = Literal["auto"]
+
+
+class Hyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
+    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+
+    @field_validator("batch_size", "n_epochs", "learning_rate_multiplier", mode="before")
+    @classmethod
+    def _none_is_auto(cls, value: Any) -> Any:
+        return "auto" if value is None else value
+
+
+class SupervisedMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: Hyperparameters | None = None
+
+
+class Method(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["supervised", "dpo", "reinforcement"]
+    supervised: SupervisedMethod | None = None
+    dpo: dict[str, Any] | None = None
+    reinforcement: dict[str, Any] | None = None
+
+
+class Integration(BaseModel):
+    type: Literal["wandb"]
+    wandb: dict[str, Any]
+
+
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]
+
+
+class JobCreateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, StringConstraints(min_length=1)]
+    training_file: Annotated[str, StringConstraints(min_length=1)]
+    validation_file: str | None = None
+    hyperparameters: Hyperparameters | None = None
+    method: Method | None = None
+    suffix: (
+        Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")] | None
+    ) = None
+    seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
+    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
+    integrations: list[Integration] | None = None
+
+    def requested_hyperparameters(self) -> Hyperparameters:
+        """``method.supervised.hyperparameters`` if given, else the legacy top-level field."""
+        if self.method and self.method.supervised and self.method.supervised.hyperparameters:
+            return self.method.supervised.hyperparameters
+        return self.hyperparameters or Hyperparameters()

@@ -1,0 +1,98 @@
+"""The one job state machine. Every change is a conditional UPDATE (so the API and a worker
+racing on the same job cannot both win) plus an event row (so a job never changes silently)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session
+
+from loraforge.db.models import Job, JobEvent
+from loraforge.ids import new_id, now
+
+
+class JobStatus(StrEnum):
+    VALIDATING_FILES = "validating_files"
+    QUEUED = "queued"
+    RUNNING = "running"
+    PAUSED = "paused"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+
+# from -> allowed targets. RUNNING -> QUEUED is a re-queue after a lost worker.
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.VALIDATING_FILES: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.PAUSED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED, JobStatus.PAUSED}
+    ),
+    JobStatus.PAUSED: frozenset({JobStatus.QUEUED, JobStatus.FAILED, JobStatus.CANCELLED}),
+}
+
+
+def sources_of(target: JobStatus) -> list[str]:
+    """The states from which ``target`` may be entered."""
+    return [src.value for src, targets in TRANSITIONS.items() if target in targets]
+
+
+def add_event(
+    session: Session,
+    job_id: str,
+    message: str,
+    *,
+    level: str = "info",
+    type: str = "message",  # noqa: A002 - OpenAI's field name
+    data: dict[str, Any] | None = None,
+) -> JobEvent:
+    event = JobEvent(
+        id=new_id("ftevent-"),
+        job_id=job_id,
+        created_at=now(),
+        level=level,
+        type=type,
+        message=message,
+        data=data if data is not None else {},
+    )
+    session.add(event)
+    return event
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    target: JobStatus,
+    message: str,
+    *,
+    level: str = "info",
+    **fields: Any,
+) -> bool:
+    """Move ``job_id`` to ``target`` if its current state allows it; record ``message``.
+
+    Args:
+        fields: other columns to set in the same UPDATE (``fine_tuned_model``, ``error``, …).
+
+    Returns:
+        True if this call made the change; False if the job was in a state that does not allow it
+        (e.g. it was cancelled meanwhile).
+    """
+    values: dict[str, Any] = {"status": target.value, **fields}
+    if target in TERMINAL:
+        values.setdefault("finished_at", now())
+        values.setdefault("estimated_finish", None)
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(sources_of(target)))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    add_event(session, job_id, message, level=level)
+    session.flush()
+    return True

@@ -1,0 +1,51 @@
+"""Organizations and their API keys (stored as sha256 hashes, shown once)."""
+
+from __future__ import annotations
+
+import hashlib
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from loraforge.db.models import ApiKey, Organization
+from loraforge.ids import new_id, now, random_token
+
+TIERS = ("trial", "core", "scale", "enterprise")
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def get_or_create_org(session: Session, name: str, tier: str | None = None) -> Organization:
+    """The organization called ``name``; created with ``tier`` (default trial) if new."""
+    if tier is not None and tier not in TIERS:
+        raise ValueError(f"tier must be one of {', '.join(TIERS)}")
+    org = session.execute(select(Organization).where(Organization.name == name)).scalar_one_or_none()
+    if org is None:
+        org = Organization(id=new_id("org-"), name=name, tier=tier or "trial", created_at=now())
+        session.add(org)
+        session.flush()
+    elif tier is not None:
+        org.tier = tier
+    return org
+
+
+def create_api_key(session: Session, org: Organization) -> str:
+    """Create a key bound to ``org`` and return it in clear (the only time it is visible)."""
+    key = "sk-lf-" + random_token(40)
+    session.add(
+        ApiKey(id=new_id("key_"), org_id=org.id, key_hash=hash_key(key), prefix=key[:10], created_at=now())
+    )
+    session.flush()
+    return key
+
+
+def authenticate(session: Session, key: str) -> Organization | None:
+    """The organization ``key`` belongs to, or None for an unknown or revoked key."""
+    row = session.execute(
+        select(Organization)
+        .join(ApiKey, ApiKey.org_id == Organization.id)
+        .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(False))
+    ).scalar_one_or_none()
+    return row

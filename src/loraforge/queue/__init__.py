@@ -1,0 +1,1 @@
+"""Celery glue only: the app, thin tasks that take ids, and the dispatcher the API uses."""

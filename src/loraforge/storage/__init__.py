@@ -1,0 +1,1 @@
+"""Blob storage for uploaded files, result files and adapters."""

@@ -1,0 +1,55 @@
+"""Shared fixtures: an API app on a temporary home with a recording dispatcher."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from loraforge.api.app import create_app
+from loraforge.db.session import make_engine, make_sessionmaker, migrate, session_scope
+from loraforge.orgs import create_api_key, get_or_create_org
+from loraforge.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+
+
+class RecordingDispatcher:
+    def __init__(self) -> None:
+        self.validated: list[str] = []
+
+    def validate_job(self, job_id: str) -> None:
+        self.validated.append(job_id)
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    return Settings(home=tmp_path / "home", max_upload_bytes=64 * 1024)
+
+
+@pytest.fixture
+def dispatcher() -> RecordingDispatcher:
+    return RecordingDispatcher()
+
+
+@pytest.fixture
+def api(settings: Settings, dispatcher: RecordingDispatcher) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, dispatcher=dispatcher)) as client:
+        yield client
+
+
+@pytest.fixture
+def make_key(settings: Settings):  # type: ignore[no-untyped-def]
+    """``make_key(org)`` -> a bearer key for a new or existing organization."""
+    migrate(settings)
+    engine = make_engine(settings)
+
+    def make(org: str, tier: str | None = None) -> str:
+        with session_scope(make_sessionmaker(engine)) as session:
+            return create_api_key(session, get_or_create_org(session, org, tier))
+
+    yield make
+    engine.dispose()

@@ -1,0 +1,164 @@
+"""A live loraforge (``loraforge serve``: API + Celery worker + engine as real processes) per
+backend: the embedded default (SQLite + filesystem broker) and, when this machine runs them,
+PostgreSQL + Redis."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+PG_ADMIN_URL = os.environ.get("LORAFORGE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("LORAFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+START_TIMEOUT = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Stack:
+    """A running ``loraforge serve`` and how to reach it."""
+
+    home: Path
+    env: dict[str, str]
+    api_url: str
+    engine_url: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.api_url}/v1"
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "loraforge", *args], env=self.env, capture_output=True, text=True,
+            check=check, timeout=120,
+        )
+
+    def key(self, org: str, tier: str | None = None) -> str:
+        """An API key for ``org`` (created once per stack), from ``loraforge keys create``."""
+        if org not in self.keys:
+            args = ["keys", "create", "--org", org] + (["--tier", tier] if tier else [])
+            self.keys[org] = self.cli(*args).stdout.strip().splitlines()[-1]
+        return self.keys[org]
+
+    def log_tail(self, n: int = 80) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _wait_healthy(stack: Stack) -> None:
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        assert stack.proc is not None
+        if stack.proc.poll() is not None:
+            pytest.fail(f"loraforge serve exited early:\n{stack.log_tail()}")
+        try:
+            if (
+                httpx.get(f"{stack.api_url}/health", timeout=2).status_code == 200
+                and httpx.get(f"{stack.engine_url}/health", timeout=2).status_code == 200
+            ):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"loraforge serve not healthy after {START_TIMEOUT}s:\n{stack.log_tail()}")
+
+
+def _postgres_database() -> tuple[str, callable] | None:
+    """A fresh PostgreSQL database and a function that drops it, or None if unreachable."""
+    if not reachable("127.0.0.1", 5432):
+        return None
+    import psycopg
+
+    name = f"loraforge_test_{uuid.uuid4().hex[:10]}"
+    admin = PG_ADMIN_URL
+    try:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.Error:
+        return None
+
+    def drop() -> None:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return admin.rsplit("/", 1)[0] + f"/{name}", drop
+
+
+def start_stack(home: Path, extra_env: dict[str, str]) -> Stack:
+    api_port, engine_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "LORAFORGE_HOME": str(home),
+        "LORAFORGE_API_PORT": str(api_port),
+        "LORAFORGE_ENGINE_PORT": str(engine_port),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra_env,
+    }
+    log_path = home / "serve.log"
+    home.mkdir(parents=True, exist_ok=True)
+    stack = Stack(home, env, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{engine_port}", log_path)
+    with log_path.open("wb") as log:
+        stack.proc = subprocess.Popen(
+            [sys.executable, "-m", "loraforge", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    _wait_healthy(stack)
+    return stack
+
+
+def stop_stack(stack: Stack) -> None:
+    if stack.proc and stack.proc.poll() is None:
+        stack.proc.terminate()
+        try:
+            stack.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            stack.proc.kill()
+
+
+@pytest.fixture(scope="session", params=["embedded", "postgres-redis"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The live service, once per backend."""
+    extra: dict[str, str] = {}
+    cleanup = None
+    if request.param == "postgres-redis":
+        if not reachable("127.0.0.1", 6379):
+            pytest.skip("Redis is not running on 127.0.0.1:6379")
+        db = _postgres_database()
+        if db is None:
+            pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (or cannot create a database)")
+        url, cleanup = db
+        import redis
+
+        redis.Redis.from_url(REDIS_URL).flushdb()
+        extra = {"LORAFORGE_DATABASE_URL": url, "LORAFORGE_BROKER_URL": REDIS_URL}
+    stack = start_stack(tmp_path_factory.mktemp(f"home-{request.param}"), extra)
+    try:
+        yield stack
+    finally:
+        stop_stack(stack)
+        if cleanup:
+            cleanup()
