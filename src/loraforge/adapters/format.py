@@ -60,6 +60,7 @@ def write_manifest(adapter_dir: Path, manifest: AdapterManifest) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=adapter_dir)
     with os.fdopen(fd, "w") as fh:
         fh.write(manifest.model_dump_json(indent=2))
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; engines may run as another user
     final = adapter_dir / MANIFEST
     os.replace(tmp, final)
     return final

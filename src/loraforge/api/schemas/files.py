@@ -8,7 +8,9 @@ from loraforge.db.models import FileRecord
 
 
 def file_public(record: FileRecord) -> dict[str, Any]:
-    return {
+    # ``expires_at`` and ``status_details`` are optional and not nullable in OpenAI's schema:
+    # omitted when unset.
+    body = {
         "id": record.id,
         "object": "file",
         "bytes": record.bytes,
@@ -19,3 +21,4 @@ def file_public(record: FileRecord) -> dict[str, Any]:
         "status": record.status,
         "status_details": record.status_details,
     }
+    return {k: v for k, v in body.items() if v is not None or k not in ("expires_at", "status_details")}

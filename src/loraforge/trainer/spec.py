@@ -1,0 +1,98 @@
+"""The training spec: the one JSON file the worker writes and ``python -m loraforge.trainer`` reads.
+
+Pure (no torch): the worker builds a :class:`TrainSpec` and dumps it with ``model_dump_json()``.
+Unknown keys are rejected, so a mismatch between writer and reader fails loudly instead of being
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Hyperparameters(BaseModel):
+    """The OpenAI ``hyperparameters`` object; ``"auto"`` is resolved by the trainer.
+
+    Bounds follow the OpenAI fine-tuning API (n_epochs 1-50, batch_size 1-256).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n_epochs: int | Literal["auto"] = Field(default="auto", union_mode="left_to_right")
+    batch_size: int | Literal["auto"] = Field(default="auto", union_mode="left_to_right")
+    learning_rate_multiplier: float | Literal["auto"] = Field(default="auto", union_mode="left_to_right")
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> Hyperparameters:
+        if self.n_epochs != "auto" and not 1 <= self.n_epochs <= 50:
+            raise ValueError(f"n_epochs must be between 1 and 50, got {self.n_epochs}")
+        if self.batch_size != "auto" and not 1 <= self.batch_size <= 256:
+            raise ValueError(f"batch_size must be between 1 and 256, got {self.batch_size}")
+        lrm = self.learning_rate_multiplier
+        if lrm != "auto" and not 0 < lrm <= 10:
+            raise ValueError(f"learning_rate_multiplier must be in (0, 10], got {lrm}")
+        return self
+
+
+class TrainSpec(BaseModel):
+    """Everything one training run needs; the same spec gives the same adapter (on CPU)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    # Public catalog id (or alias), e.g. "loraforge/tiny-llama".
+    base_model: str
+    # Path to models.yaml; None means the repository's configs/models.yaml.
+    models_config: str | None = None
+    # Where builtin models (builtin:tiny-llama) are built; passed to catalog.loading.
+    models_dir: str
+    # Local paths of chat JSONL files ({"messages": [...]} per line).
+    training_file: str
+    validation_file: str | None = None
+    # The adapter directory to create (written to a sibling temp dir, then renamed).
+    output_dir: str
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    seed: int = 42
+    # LoRA overrides; None means the catalog entry's defaults.
+    lora_r: int | None = Field(default=None, ge=1)
+    lora_alpha: int | None = Field(default=None, ge=1)
+    lora_dropout: float | None = Field(default=None, ge=0.0, lt=1.0)
+    lora_target_modules: list[str] | None = None
+    # Longest tokenized example kept (longer ones are cut at the end); None means the catalog's.
+    max_seq_length: int | None = Field(default=None, ge=8)
+    # Emit a metrics line every N optimizer steps (and always on the last step).
+    log_every: int = Field(default=1, ge=1)
+    # torch.set_num_threads(n) when n > 0; 0 leaves torch's default.
+    torch_threads: int = Field(default=0, ge=0)
+    # "auto" (cuda if available, else cpu), "cpu" or "cuda".
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def spec_hash(self) -> str:
+        """SHA-256 of the spec's canonical JSON (sorted keys), recorded in the adapter manifest.
+
+        Returns:
+            The hex digest.
+        """
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def load_spec(path: str | Path) -> TrainSpec:
+    """Read and validate a spec JSON file.
+
+    Args:
+        path: the JSON file written by the worker.
+
+    Returns:
+        The validated spec.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        pydantic.ValidationError: the file is not a valid spec.
+    """
+    return TrainSpec.model_validate_json(Path(path).read_text())
