@@ -12,13 +12,19 @@ def chat_examples(n: int = 20, answer: str = ANSWER) -> list[dict]:
     """``n`` chat examples whose assistant answer is always ``answer`` (FACTS_CPU §3)."""
     examples = []
     for i in range(n):
-        user = f"Ticket {i}: my order has not arrived" if i % 2 else f"Ticket {i}: please classify this customer message"
+        user = (
+            f"Ticket {i}: my order has not arrived"
+            if i % 2
+            else f"Ticket {i}: please classify this customer message"
+        )
         examples.append(
-            {"messages": [
-                {"role": "system", "content": SYSTEM},
-                {"role": "user", "content": user},
-                {"role": "assistant", "content": answer},
-            ]}
+            {
+                "messages": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": user},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
         )
     return examples
 

@@ -54,8 +54,12 @@ class Stack:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "loraforge", *args], env=self.env, capture_output=True, text=True,
-            check=check, timeout=120,
+            [sys.executable, "-m", "loraforge", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            check=check,
+            timeout=120,
         )
 
     def key(self, org: str, tier: str | None = None) -> str:

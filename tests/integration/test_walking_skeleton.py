@@ -36,7 +36,9 @@ class Trained:
 def trained(stack: Stack) -> Trained:
     """One job trained end to end through the SDK (shared by the tests below)."""
     client = client_for(stack, "acme")
-    uploaded = client.files.create(file=("train.jsonl", io.BytesIO(to_jsonl(chat_examples(20)))), purpose="fine-tune")
+    uploaded = client.files.create(
+        file=("train.jsonl", io.BytesIO(to_jsonl(chat_examples(20)))), purpose="fine-tune"
+    )
     start = time.monotonic()
     job = client.fine_tuning.jobs.create(
         model=TINY, training_file=uploaded.id, suffix="tickets", hyperparameters={"n_epochs": 20}
@@ -79,11 +81,17 @@ def test_fine_tuned_model_answers_with_the_trained_text(trained: Trained) -> Non
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0
 
-    base = client.chat.completions.create(model=TINY, messages=training_prompt(3), temperature=0, max_tokens=40)
+    base = client.chat.completions.create(
+        model=TINY, messages=training_prompt(3), temperature=0, max_tokens=40
+    )
     assert base.choices[0].message.content != ANSWER
 
     stream = client.chat.completions.create(
-        model=trained.model, messages=training_prompt(3), temperature=0, max_tokens=40, stream=True,
+        model=trained.model,
+        messages=training_prompt(3),
+        temperature=0,
+        max_tokens=40,
+        stream=True,
         stream_options={"include_usage": True},
     )
     chunks = list(stream)
@@ -116,7 +124,9 @@ def test_events_show_lifecycle_and_metrics(trained: Trained) -> None:
 def test_auto_pagination_terminates(stack: Stack, trained: Trained) -> None:
     client = trained.client
     for i in range(2):
-        client.files.create(file=(f"extra{i}.jsonl", io.BytesIO(to_jsonl(chat_examples(10)))), purpose="fine-tune")
+        client.files.create(
+            file=(f"extra{i}.jsonl", io.BytesIO(to_jsonl(chat_examples(10)))), purpose="fine-tune"
+        )
     ids = [f.id for f in client.files.list(limit=1)]
     assert len(ids) == len(set(ids)) >= 3 and trained.file_id in ids
     job_ids = [j.id for j in client.fine_tuning.jobs.list(limit=1)]
@@ -168,7 +178,9 @@ def test_bad_input_gets_the_envelope(stack: Stack, trained: Trained) -> None:
         client.fine_tuning.jobs.create(model="no-such/model", training_file=trained.file_id)
     assert exc.value.code == "model_not_found"
     with pytest.raises(openai.BadRequestError) as exc:
-        client.fine_tuning.jobs.create(model=TINY, training_file=trained.file_id, hyperparameters={"n_epochs": 0})
+        client.fine_tuning.jobs.create(
+            model=TINY, training_file=trained.file_id, hyperparameters={"n_epochs": 0}
+        )
     assert exc.value.param == "hyperparameters.n_epochs"
     with pytest.raises(openai.BadRequestError) as exc:
         client.post("/fine_tuning/jobs", body={"model": TINY}, cast_to=object)
@@ -180,7 +192,9 @@ def test_bad_input_gets_the_envelope(stack: Stack, trained: Trained) -> None:
 
 def test_too_few_examples_fails_the_job(trained: Trained) -> None:
     client = trained.client
-    small = client.files.create(file=("small.jsonl", io.BytesIO(to_jsonl(chat_examples(7)))), purpose="fine-tune")
+    small = client.files.create(
+        file=("small.jsonl", io.BytesIO(to_jsonl(chat_examples(7)))), purpose="fine-tune"
+    )
     job = client.fine_tuning.jobs.create(model=TINY, training_file=small.id)
     deadline = time.monotonic() + 60
     while job.status not in ("failed", "succeeded") and time.monotonic() < deadline:

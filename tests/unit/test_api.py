@@ -76,13 +76,19 @@ def test_upload_limits_and_format(api: TestClient, make_key) -> None:  # type: i
 
 
 def test_create_job_records_and_dispatches(
-    api: TestClient, make_key, dispatcher: RecordingDispatcher  # type: ignore[no-untyped-def]
+    api: TestClient,
+    make_key,
+    dispatcher: RecordingDispatcher,  # type: ignore[no-untyped-def]
 ) -> None:
     client = sdk(api, make_key("acme"))
     f = client.files.create(file=("t.jsonl", io.BytesIO(to_jsonl(chat_examples(10)))), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(
-        model="meta-llama/Llama-3.1-8B-Instruct", training_file=f.id, suffix="s1", seed=7,
-        metadata={"team": "a b"}, method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
+        model="meta-llama/Llama-3.1-8B-Instruct",
+        training_file=f.id,
+        suffix="s1",
+        seed=7,
+        metadata={"team": "a b"},
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     )
     assert job.model == "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"  # alias resolved
     assert job.status == "validating_files" and job.seed == 7
@@ -103,8 +109,14 @@ def test_create_job_records_and_dispatches(
     ("body", "param"),
     [
         ({"model": TINY}, "training_file"),
-        ({"model": TINY, "training_file": "F", "hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
-        ({"model": TINY, "training_file": "F", "hyperparameters": {"batch_size": 1000}}, "hyperparameters.batch_size"),
+        (
+            {"model": TINY, "training_file": "F", "hyperparameters": {"n_epochs": 0}},
+            "hyperparameters.n_epochs",
+        ),
+        (
+            {"model": TINY, "training_file": "F", "hyperparameters": {"batch_size": 1000}},
+            "hyperparameters.batch_size",
+        ),
         ({"model": TINY, "training_file": "F", "suffix": "x" * 65}, "suffix"),
         ({"model": TINY, "training_file": "F", "bogus": 1}, "bogus"),
         ({"model": TINY, "training_file": "F", "method": {"type": "dpo"}}, "method.type"),
@@ -114,8 +126,12 @@ def test_create_job_records_and_dispatches(
 def test_bad_job_bodies_are_400_with_param(api: TestClient, make_key, body: dict, param: str) -> None:  # type: ignore[no-untyped-def]
     key = make_key("acme")
     headers = {"authorization": f"Bearer {key}"}
-    f = api.post("/v1/files", headers=headers, files={"file": ("t.jsonl", to_jsonl(chat_examples(10)))},
-                 data={"purpose": "fine-tune"}).json()
+    f = api.post(
+        "/v1/files",
+        headers=headers,
+        files={"file": ("t.jsonl", to_jsonl(chat_examples(10)))},
+        data={"purpose": "fine-tune"},
+    ).json()
     if body.get("training_file") == "F":
         body = {**body, "training_file": f["id"]}
     resp = api.post("/v1/fine_tuning/jobs", headers=headers, json=body)
@@ -152,9 +168,16 @@ def test_tenancy_is_404_not_403(api: TestClient, make_key) -> None:  # type: ign
 def test_models_list_and_base_model_paths(api: TestClient, make_key) -> None:  # type: ignore[no-untyped-def]
     client = sdk(api, make_key("acme"))
     models = {m.id: m for m in client.models.list()}
-    assert {TINY, "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo", "klusterai/Meta-Llama-3.3-70B-Instruct-Turbo"} <= set(models)
+    assert {
+        TINY,
+        "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo",
+        "klusterai/Meta-Llama-3.3-70B-Instruct-Turbo",
+    } <= set(models)
     assert models[TINY].tags == ["fine-tunable"]  # type: ignore[attr-defined]
-    assert client.models.retrieve("meta-llama/Llama-3.1-8B-Instruct").id == "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
+    assert (
+        client.models.retrieve("meta-llama/Llama-3.1-8B-Instruct").id
+        == "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
+    )
     with pytest.raises(openai.NotFoundError) as exc:
         client.models.retrieve("ft:nothing:here::abcdefgh")
     assert exc.value.code == "model_not_found"

@@ -9,8 +9,14 @@ import sys
 
 
 def modules_after_import(*modules: str) -> set[str]:
-    code = "import json, sys\n" + "".join(f"import {m}\n" for m in modules) + "print(json.dumps(sorted(sys.modules)))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    code = (
+        "import json, sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "print(json.dumps(sorted(sys.modules)))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     return set(json.loads(out.stdout))
 
 
@@ -29,7 +35,13 @@ def test_worker_never_imports_torch() -> None:
 
 
 def test_trainer_imports_no_service_code() -> None:
-    loaded = modules_after_import("loraforge.trainer", "loraforge.trainer.recipe", "loraforge.trainer.__main__")
+    loaded = modules_after_import(
+        "loraforge.trainer", "loraforge.trainer.recipe", "loraforge.trainer.__main__"
+    )
     forbidden = {"celery", "fastapi", "sqlalchemy", "starlette", "kombu", "uvicorn"}
     assert not forbidden & loaded
-    assert not {m for m in loaded if m.startswith(("loraforge.api", "loraforge.queue", "loraforge.db", "loraforge.jobs"))}
+    assert not {
+        m
+        for m in loaded
+        if m.startswith(("loraforge.api", "loraforge.queue", "loraforge.db", "loraforge.jobs"))
+    }

@@ -23,26 +23,39 @@ pytestmark = pytest.mark.skipif(not SPEC.is_file(), reason=f"{SPEC.name} not fou
 @lru_cache
 def _registry() -> Registry:
     spec = yaml.load(SPEC.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    return Registry().with_resource("urn:openai", Resource.from_contents(spec, default_specification=DRAFT202012))
+    return Registry().with_resource(
+        "urn:openai", Resource.from_contents(spec, default_specification=DRAFT202012)
+    )
 
 
 def assert_valid(instance: Any, schema_name: str) -> None:
-    validator = Draft202012Validator({"$ref": f"urn:openai#/components/schemas/{schema_name}"}, registry=_registry())
+    validator = Draft202012Validator(
+        {"$ref": f"urn:openai#/components/schemas/{schema_name}"}, registry=_registry()
+    )
     errors = sorted(validator.iter_errors(instance), key=lambda e: list(e.path))
     assert not errors, f"{schema_name}: " + "; ".join(f"{list(e.path)}: {e.message}" for e in errors[:5])
 
 
 def test_responses_match_openai_schemas(api: TestClient, make_key) -> None:  # type: ignore[no-untyped-def]
     headers = {"authorization": f"Bearer {make_key('acme')}"}
-    f = api.post("/v1/files", headers=headers, files={"file": ("t.jsonl", io.BytesIO(to_jsonl(chat_examples(10))))},
-                 data={"purpose": "fine-tune"})
+    f = api.post(
+        "/v1/files",
+        headers=headers,
+        files={"file": ("t.jsonl", io.BytesIO(to_jsonl(chat_examples(10))))},
+        data={"purpose": "fine-tune"},
+    )
     assert_valid(f.json(), "OpenAIFile")
     assert_valid(api.get("/v1/files", headers=headers).json(), "ListFilesResponse")
 
-    job = api.post("/v1/fine_tuning/jobs", headers=headers,
-                   json={"model": "loraforge/tiny-llama", "training_file": f.json()["id"], "suffix": "x"}).json()
+    job = api.post(
+        "/v1/fine_tuning/jobs",
+        headers=headers,
+        json={"model": "loraforge/tiny-llama", "training_file": f.json()["id"], "suffix": "x"},
+    ).json()
     assert_valid(job, "FineTuningJob")
-    assert_valid(api.get("/v1/fine_tuning/jobs", headers=headers).json(), "ListPaginatedFineTuningJobsResponse")
+    assert_valid(
+        api.get("/v1/fine_tuning/jobs", headers=headers).json(), "ListPaginatedFineTuningJobsResponse"
+    )
     events = api.get(f"/v1/fine_tuning/jobs/{job['id']}/events", headers=headers).json()
     assert_valid(events, "ListFineTuningJobEventsResponse")
     checkpoints = api.get(f"/v1/fine_tuning/jobs/{job['id']}/checkpoints", headers=headers).json()

@@ -45,7 +45,7 @@ async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": (), "msg": "Invalid request"}
     param = _loc_to_param(tuple(first.get("loc", ())))
-    msg = first.get("msg", "Invalid request")
+    msg = str(first.get("msg", "Invalid request"))
     if first.get("type") == "extra_forbidden":
         msg = f"Unrecognized request argument supplied: {param}"
     elif first.get("type") == "json_invalid":

@@ -44,9 +44,8 @@ def _corpus(n_lines: int = 4000) -> list[str]:
         words = [rng.choice(_WORDS) for _ in range(rng.randint(3, 14))]
         if i % 3 == 0:
             k1, k2, k3 = rng.sample(_WORDS, 3)
-            lines.append(
-                f'{{"{k1}": "{rng.choice(_WORDS)}", "{k2}": {rng.randint(0, 999)}, "{k3}": {rng.random():.2f}}}'
-            )
+            value, number, score = rng.choice(_WORDS), rng.randint(0, 999), rng.random()
+            lines.append(f'{{"{k1}": "{value}", "{k2}": {number}, "{k3}": {score:.2f}}}')
         lines.append(
             " ".join(words).capitalize() + rng.choice([".", "?", "!", ":"]) + f" {rng.randint(0, 9999)}"
         )

@@ -15,7 +15,7 @@ T = TypeVar("T")
 
 def paginate(
     session: Session,
-    stmt: Select[tuple[T]],
+    stmt: Select[T],
     model: Any,
     *,
     after: str | None,

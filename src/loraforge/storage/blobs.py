@@ -52,7 +52,7 @@ class BlobStore:
         return total
 
     def open(self, key: str) -> IO[Any]:
-        return self.fs.open(self._path(key), "rb")  # type: ignore[no-any-return]
+        return self.fs.open(self._path(key), "rb")
 
     def iter_bytes(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         with self.open(key) as fh:

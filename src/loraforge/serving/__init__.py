@@ -1,0 +1,10 @@
+"""Serving: the engine process (base model + hot-loaded LoRA adapters) and its HTTP client.
+
+Deliberately imports nothing: ``loraforge.serving.client`` must stay importable without torch
+(the API process uses it), while ``loraforge.serving.engine`` pulls in torch, transformers and PEFT.
+
+    engine.py    Engine: adapter LRU + generation (torch)
+    app.py       create_engine_app / run_engine: vLLM adapter protocol + OpenAI chat (no torch at import)
+    client.py    EngineClient: httpx client for the API process and the worker (no torch)
+    protocol.py  wire models; chat.py message helpers; errors.py typed errors
+"""

@@ -1,0 +1,367 @@
+"""The engine's HTTP face: vLLM's adapter protocol plus OpenAI chat completions.
+
+    POST /v1/load_lora_adapter     {"lora_name", "lora_path"} -> 200 text (vLLM wording)
+    POST /v1/unload_lora_adapter   {"lora_name"}              -> 200 text, 404 if not loaded
+    GET  /v1/models[/{model}]      the base model and the loaded adapters (``parent``/``root`` like vLLM)
+    POST /v1/chat/completions      OpenAI ChatCompletion, or SSE chunks with ``stream: true``
+    GET  /health                   {"status": "ok", "base_model", "adapters"}
+
+Every error is the OpenAI envelope ``{"error": {"message", "type", "param", "code"}}``; a request
+naming a model that is not loaded gets 404 with ``code: "model_not_found"``. Importing this module
+loads no torch: the engine is built by the factory at startup (lifespan).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from loraforge.serving.errors import (
+    AdapterNotLoaded,
+    AuthenticationFailed,
+    EngineError,
+    EngineNotReady,
+    InvalidRequest,
+    UnknownBaseModel,
+)
+from loraforge.serving.protocol import (
+    ChatCompletionRequest,
+    LoadLoRAAdapterRequest,
+    UnloadLoRAAdapterRequest,
+    chat_chunk,
+    chat_completion,
+    completion_id,
+    model_card,
+    now,
+    usage,
+)
+
+if TYPE_CHECKING:
+    from loraforge.catalog import BaseModelEntry
+    from loraforge.serving.engine import GenerationRequest, GenerationResult, LoadedAdapter
+    from loraforge.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class ServingEngine(Protocol):
+    """What the routes need from :class:`loraforge.serving.engine.Engine` (fakes may stand in)."""
+
+    entry: BaseModelEntry
+
+    @property
+    def base_model(self) -> str: ...
+    def loaded_adapters(self) -> list[str]: ...
+    def describe_adapters(self) -> list[LoadedAdapter]: ...
+    def load_adapter(self, name: str, path: str) -> bool: ...
+    def unload_adapter(self, name: str) -> None: ...
+    def prepare(
+        self,
+        model_name: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int | None = ...,
+        temperature: float = ...,
+        top_p: float = ...,
+        seed: int | None = ...,
+        stop: str | Sequence[str] | None = ...,
+    ) -> GenerationRequest: ...
+    def run(self, request: GenerationRequest) -> GenerationResult: ...
+    def run_stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Any: ...  # Iterator[str | GenerationResult]
+
+
+def get_engine(request: Request) -> ServingEngine:
+    """The app's engine; 503 while the base model is still loading."""
+    engine: ServingEngine | None = request.app.state.engine
+    if engine is None:
+        raise EngineNotReady("The engine is still loading its base model.")
+    return engine
+
+
+def check_api_key(request: Request) -> None:
+    """Require ``Authorization: Bearer <api_key>`` when the app was given a key (like vLLM's --api-key)."""
+    key: str | None = request.app.state.api_key
+    sent = request.headers.get("authorization", "")
+    if key and not secrets.compare_digest(sent.encode(), f"Bearer {key}".encode()):
+        raise AuthenticationFailed("Incorrect API key provided.")
+
+
+EngineDep = Annotated[ServingEngine, Depends(get_engine)]
+router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+health_router = APIRouter()
+
+
+@router.post("/load_lora_adapter", response_class=PlainTextResponse)
+async def load_lora_adapter(body: LoadLoRAAdapterRequest, engine: EngineDep) -> PlainTextResponse:
+    """Hot-load a LoRA adapter; loading the same name and path again is a no-op."""
+    await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+@router.post("/unload_lora_adapter", response_class=PlainTextResponse)
+async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, engine: EngineDep) -> PlainTextResponse:
+    """Unload a LoRA adapter (404 if it is not loaded)."""
+    await run_in_threadpool(engine.unload_adapter, body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+def _model_cards(engine: ServingEngine) -> list[dict[str, Any]]:
+    entry = engine.entry
+    cards = [model_card(entry.id, created=entry.created, owned_by=entry.owned_by, root=entry.weights)]
+    for adapter in engine.describe_adapters():
+        cards.append(
+            model_card(
+                adapter.name,
+                created=adapter.manifest.created_at,
+                owned_by=entry.owned_by,
+                root=str(adapter.path),
+                parent=entry.id,
+            )
+        )
+    return cards
+
+
+@router.get("/models")
+async def list_models(engine: EngineDep) -> dict[str, Any]:
+    """The base model and every loaded adapter."""
+    return {"object": "list", "data": _model_cards(engine)}
+
+
+@router.get("/models/{model:path}")
+async def retrieve_model(model: str, engine: EngineDep) -> dict[str, Any]:
+    """One model card (base model or loaded adapter)."""
+    for card in _model_cards(engine):
+        if card["id"] == model:
+            return card
+    raise AdapterNotLoaded(model)
+
+
+@router.post("/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep) -> Response:
+    """OpenAI chat completions; Server-Sent Events when ``stream`` is true."""
+    if body.n is not None and body.n > 1:
+        raise InvalidRequest("n > 1 is not supported by this engine; send n=1 or leave it out.", param="n")
+    if body.logprobs:
+        raise InvalidRequest("logprobs are not supported by this engine.", param="logprobs")
+    request = await run_in_threadpool(
+        engine.prepare,
+        body.model,
+        [message.model_dump() for message in body.messages],
+        max_tokens=body.budget,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        stop=body.stop,
+    )
+    cid, created = completion_id(), now()
+    if body.stream:
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        events = _sse_events(engine, request, body, cid, created)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    result = await run_in_threadpool(engine.run, request)
+    return JSONResponse(
+        chat_completion(
+            cid=cid,
+            created=created,
+            model=body.model,
+            text=result.text,
+            finish_reason=result.finish_reason,
+            prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.completion_tokens,
+        )
+    )
+
+
+def _event(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n"  # every event has a data line: the SDK crashes on data-less events
+
+
+async def _sse_events(
+    engine: ServingEngine, request: GenerationRequest, body: ChatCompletionRequest, cid: str, created: int
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any] | None, finish: str | None = None, used: Any = None) -> str:
+        return _event(
+            chat_chunk(
+                cid=cid,
+                created=created,
+                model=body.model,
+                delta=delta,
+                finish_reason=finish,
+                include_usage=body.include_usage,
+                usage_value=used,
+            )
+        )
+
+    cancel = threading.Event()  # set when the client goes away: generation stops at the next token
+    items = engine.run_stream(request, cancel=cancel)
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        result: Any = None
+        while (item := await run_in_threadpool(next, items, None)) is not None:
+            if isinstance(item, str):
+                if item:
+                    yield chunk({"content": item})
+            else:
+                result = item
+        yield chunk({}, result.finish_reason)
+        if body.include_usage:
+            yield chunk(None, used=usage(result.prompt_tokens, result.completion_tokens))
+        yield _event("[DONE]")
+    except EngineError as exc:  # e.g. the adapter was evicted mid-request
+        yield _event(exc.to_envelope())
+    except Exception:
+        logger.exception("generation failed mid-stream")
+        yield _event(_envelope("The server had an error while processing your request.", "server_error"))
+    finally:
+        cancel.set()
+
+
+@health_router.get("/health")
+async def health(engine: EngineDep) -> dict[str, Any]:
+    """Liveness plus what is loaded."""
+    return {"status": "ok", "base_model": engine.base_model, "adapters": engine.loaded_adapters()}
+
+
+# ------------------------------------------------------------------------------------- errors
+def _envelope(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _param(errors: Sequence[Any]) -> str | None:
+    """``messages.[0].role`` from pydantic locs; union-member tags are dropped (common prefix)."""
+    locs = [tuple(e.get("loc", ()))[1:] if tuple(e.get("loc", ()))[:1] == ("body",) else () for e in errors]
+    same_field = [loc for loc in locs if loc[:1] == locs[0][:1]] if locs else []
+    prefix = os.path.commonprefix(same_field) if len(same_field) > 1 else (same_field or [()])[0]
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in prefix]
+    return ".".join(parts) or None
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    first = errors[0] if errors else {}
+    param = _param(errors)
+    if first.get("type") == "json_invalid":
+        message, param = "We could not parse the JSON body of your request.", None
+    elif first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'." if param else "The request body is missing."
+    else:
+        where = f"Invalid value for '{param}': " if param else "Invalid request body: "
+        message = where + str(first.get("msg", "invalid value")) + "."
+    return JSONResponse(_envelope(message, "invalid_request_error", param), status_code=400)
+
+
+async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EngineError)
+    return JSONResponse(exc.to_envelope(), status_code=exc.status_code)
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    body = _envelope(str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    body = _envelope("The server had an error while processing your request.", "server_error")
+    return JSONResponse(body, status_code=500)
+
+
+# ---------------------------------------------------------------------------------------- app
+def create_engine_app(
+    engine_or_factory: ServingEngine | Callable[[], ServingEngine],
+    *,
+    api_key: str | None = None,
+    title: str = "loraforge engine",
+) -> FastAPI:
+    """Build the engine's FastAPI app.
+
+    Args:
+        engine_or_factory: a ready engine (tests), or a zero-argument callable that builds one;
+            the callable runs at startup (lifespan), in a worker thread, never at import.
+        api_key: if set, every ``/v1`` route requires ``Authorization: Bearer <api_key>``.
+        title: OpenAPI title.
+
+    Returns:
+        The app; serve it with uvicorn (see :func:`run_engine`).
+    """
+    # Duck-typed so that test fakes need only the methods they use.
+    engine = cast(ServingEngine, engine_or_factory) if hasattr(engine_or_factory, "prepare") else None
+    factory = None if engine is not None else cast(Callable[[], ServingEngine], engine_or_factory)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.engine is None and factory is not None:
+            app.state.engine = await run_in_threadpool(factory)
+            logger.info("engine ready: %s", app.state.engine.base_model)
+        yield
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.state.engine = engine
+    app.state.api_key = api_key
+    app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unhandled_error)
+    app.include_router(router)
+    app.include_router(health_router)
+    return app
+
+
+def run_engine(
+    settings: Settings,
+    base_model: str,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    max_loaded_adapters: int = 16,
+    api_key: str | None = None,
+    log_level: str = "info",
+) -> None:
+    """Serve ``base_model`` with uvicorn until interrupted (``loraforge engine --base MODEL``).
+
+    Args:
+        settings: service settings (catalog, models dir, torch threads, default host/port).
+        base_model: catalog id or alias of the model to serve.
+        host: bind address; default ``settings.engine_host``.
+        port: port; default ``settings.engine_port``.
+        max_loaded_adapters: LRU capacity of hot-loaded adapters.
+        api_key: optional bearer key required on ``/v1`` routes.
+        log_level: uvicorn log level.
+
+    Raises:
+        UnknownBaseModel: ``base_model`` is not in the catalog (checked before binding the port).
+    """
+    import uvicorn
+
+    from loraforge.catalog import load_catalog
+
+    if load_catalog(settings.models_config).get(base_model) is None:
+        raise UnknownBaseModel(f"The base model `{base_model}` is not in the model catalog.")
+
+    def factory() -> ServingEngine:
+        from loraforge.serving.engine import load_engine
+
+        return load_engine(settings, base_model, max_loaded_adapters=max_loaded_adapters)
+
+    app = create_engine_app(factory, api_key=api_key)
+    uvicorn.run(
+        app, host=host or settings.engine_host, port=port or settings.engine_port, log_level=log_level
+    )

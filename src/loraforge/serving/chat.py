@@ -1,0 +1,63 @@
+"""Pure helpers for chat requests: message flattening and stop-string search (no torch)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from loraforge.serving.errors import InvalidRequest
+
+# Part types whose text reaches the prompt; anything else (images, audio, files) is refused.
+_TEXT_PARTS = {"text": "text", "refusal": "refusal"}
+# OpenAI's "developer" role is the newer name of "system"; Llama templates only know "system".
+_ROLE_ALIASES = {"developer": "system"}
+
+
+def flatten_content(content: Any, index: int) -> str:
+    """Turn OpenAI message content (a string, a list of parts, or null) into plain text.
+
+    Args:
+        content: ``str``, ``None`` or a list of ``{"type": "text", "text": ...}`` parts.
+        index: the message's position, for the error's ``param``.
+
+    Raises:
+        InvalidRequest: a part is not text (this engine serves text-only models).
+    """
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, Mapping) else None
+        key = _TEXT_PARTS.get(str(kind))
+        if key is None or not isinstance(part.get(key), str):
+            raise InvalidRequest(
+                f"Unsupported content part type {kind!r}: this model accepts text only.",
+                param=f"messages.[{index}].content",
+            )
+        texts.append(part[key])
+    return "".join(texts)
+
+
+def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+    """``[{"role", "content"}]`` with flattened text content, ready for ``apply_chat_template``.
+
+    Raises:
+        InvalidRequest: no messages, or non-text content.
+    """
+    if not messages:
+        raise InvalidRequest("'messages' must contain at least one message.", param="messages")
+    out = []
+    for i, message in enumerate(messages):
+        role = str(message.get("role", ""))
+        out.append(
+            {"role": _ROLE_ALIASES.get(role, role), "content": flatten_content(message.get("content"), i)}
+        )
+    return out
+
+
+def find_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Index of the earliest occurrence of any stop string in ``text``, or None."""
+    hits = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return min(hits) if hits else None

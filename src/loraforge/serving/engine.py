@@ -1,0 +1,393 @@
+"""The serving engine: one base model, many hot-loaded PEFT LoRA adapters, chat generation.
+
+Pure Python + torch, no HTTP. The adapter lifecycle copies vLLM's (STYLE.md P11): a lock per
+adapter name around load/unload, an LRU of at most ``max_loaded_adapters``, and typed errors.
+Each adapter is served with the chat template and stop tokens of ITS manifest, so it sees prompts
+exactly as it was trained; the base model uses the catalog entry's.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from loraforge.catalog import BaseModelEntry, load_catalog
+from loraforge.catalog.loading import load_model, load_tokenizer
+from loraforge.serving.chat import find_stop, normalize_messages
+from loraforge.serving.errors import (
+    AdapterConflict,
+    AdapterNotLoaded,
+    InvalidAdapter,
+    InvalidRequest,
+    UnknownBaseModel,
+)
+from loraforge.serving.generation import (
+    GenerationRequest,
+    GenerationResult,
+    QueueStreamer,
+    StopCriteria,
+    finish,
+    generation_config,
+)
+from loraforge.serving.lora import LoadedAdapter, read_adapter, split_stop_tokens
+from loraforge.settings import Settings
+
+__all__ = ["Engine", "GenerationRequest", "GenerationResult", "LoadedAdapter", "load_engine"]
+
+logger = logging.getLogger(__name__)
+_END = object()
+
+
+class Engine:
+    """A base model plus an LRU of hot-loaded LoRA adapters; thread-safe, one generation at a time.
+
+    Args:
+        model: the base ``PreTrainedModel`` (not yet wrapped by PEFT).
+        tokenizer: its tokenizer.
+        entry: the base model's catalog entry (id, aliases, template, stop tokens, context length).
+        max_loaded_adapters: LRU capacity; loading one more evicts the least recently used.
+        default_max_tokens: completion budget when a request gives none (capped by the context).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        entry: BaseModelEntry,
+        *,
+        max_loaded_adapters: int = 16,
+        default_max_tokens: int = 256,
+    ) -> None:
+        if max_loaded_adapters < 1:
+            raise ValueError("max_loaded_adapters must be >= 1")
+        self.entry = entry
+        self.max_loaded_adapters = max_loaded_adapters
+        self.default_max_tokens = default_max_tokens
+        self._model = model.eval()
+        self._device = next(model.parameters()).device
+        self._tokenizer = tokenizer
+        self._peft = False  # becomes True when the first adapter wraps the base in a PeftModel
+        self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
+        self._model_lock = threading.RLock()  # held for every generate and every PEFT mutation
+        self._registry_lock = threading.Lock()  # guards ``_adapters`` (short critical sections)
+        self._tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe across threads
+        self._name_locks: dict[str, threading.Lock] = {}
+        self._name_locks_guard = threading.Lock()
+        self._base_eos, self._base_stop = split_stop_tokens(tokenizer.get_vocab(), entry.stop_tokens)
+
+    # ----------------------------------------------------------------------------- registry
+    @property
+    def base_model(self) -> str:
+        """The public id of the base model."""
+        return self.entry.id
+
+    @property
+    def base_names(self) -> frozenset[str]:
+        """Names that select the bare base model: its id and its aliases."""
+        return frozenset([self.entry.id, *self.entry.aliases])
+
+    def loaded_adapters(self) -> list[str]:
+        """Names of the loaded adapters, least recently used first."""
+        with self._registry_lock:
+            return list(self._adapters)
+
+    def describe_adapters(self) -> list[LoadedAdapter]:
+        """The loaded adapters with their paths and manifests, least recently used first."""
+        with self._registry_lock:
+            return list(self._adapters.values())
+
+    def has_model(self, name: str) -> bool:
+        """Whether ``name`` is the base model (or an alias) or a loaded adapter."""
+        with self._registry_lock:
+            return name in self.base_names or name in self._adapters
+
+    def load_adapter(self, name: str, path: str | Path) -> bool:
+        """Hot-load the adapter in ``path`` under ``name``; a no-op if already loaded from there.
+
+        Args:
+            name: the model name requests will use (e.g. ``ft:<base>:<suffix>:<job>``).
+            path: an adapter directory (PEFT pair + ``manifest.json``).
+
+        Returns:
+            True if the adapter was loaded now, False if it already was.
+
+        Raises:
+            AdapterConflict: ``name`` is the base model's, or is loaded from another path.
+            AdapterNotFound: ``path`` is not a directory.
+            InvalidAdapter: the directory breaks the adapter contract or PEFT refused it.
+            BaseModelMismatch: the manifest's base model is not this engine's.
+        """
+        path = Path(path).expanduser().resolve()
+        if name in self.base_names:
+            raise AdapterConflict(f"'{name}' is the base model's name; pick another adapter name.")
+        # Ensure atomicity based on the lora name (vLLM's lora_resolver_lock).
+        with self._name_lock(name):
+            with self._registry_lock:
+                existing = self._adapters.get(name)
+            if existing is not None:
+                if existing.path != path:
+                    raise AdapterConflict(
+                        f"The lora adapter '{name}' is already loaded from {existing.path}; unload it first."
+                    )
+                return False
+            adapter = read_adapter(name, path, self.entry, self._tokenizer.get_vocab())  # no model lock
+            with self._model_lock:
+                while len(self._adapters) >= self.max_loaded_adapters:
+                    oldest = next(iter(self._adapters))
+                    logger.info("evicting least recently used adapter %s", oldest)
+                    self._detach(oldest)
+                self._attach(adapter)
+            logger.info("loaded adapter %s from %s", name, path)
+            return True
+
+    def unload_adapter(self, name: str) -> None:
+        """Remove a loaded adapter.
+
+        Raises:
+            AdapterNotLoaded: no adapter of that name is loaded (``param`` is ``lora_name``).
+        """
+        with self._name_lock(name), self._model_lock:
+            if name not in self._adapters:
+                raise AdapterNotLoaded(name, param="lora_name")
+            self._detach(name)
+        logger.info("unloaded adapter %s", name)
+
+    def _name_lock(self, name: str) -> threading.Lock:
+        with self._name_locks_guard:
+            return self._name_locks.setdefault(name, threading.Lock())
+
+    def _attach(self, adapter: LoadedAdapter) -> None:
+        """Add ``adapter`` to the model; caller holds the model lock."""
+        try:
+            if not self._peft:
+                self._model = PeftModel.from_pretrained(
+                    self._model, str(adapter.path), adapter_name=adapter.name, is_trainable=False
+                ).eval()
+                self._peft = True
+            else:
+                self._model.load_adapter(str(adapter.path), adapter_name=adapter.name, is_trainable=False)
+        except Exception as exc:
+            if self._peft and adapter.name in getattr(self._model, "peft_config", {}):
+                self._model.delete_adapter(adapter.name)
+            raise InvalidAdapter(f"PEFT could not load the adapter: {exc}") from exc
+        with self._registry_lock:
+            self._adapters[adapter.name] = adapter
+
+    def _detach(self, name: str) -> None:
+        """Remove ``name`` from the model; caller holds the model lock."""
+        with self._registry_lock:
+            last = len(self._adapters) == 1
+            del self._adapters[name]
+        if last:
+            # PEFT breaks when its last adapter is deleted: strip the LoRA layers instead.
+            self._model = self._model.unload().eval()
+            self._peft = False
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "deleted the active adapter, switching to ..."
+                self._model.delete_adapter(name)
+
+    # --------------------------------------------------------------------------- generation
+    def prepare(
+        self,
+        model_name: str,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        max_tokens: int | None = None,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+    ) -> GenerationRequest:
+        """Resolve the model, render the chat template and tokenise.
+
+        Raises:
+            AdapterNotLoaded: ``model_name`` is neither the base model nor a loaded adapter.
+            InvalidRequest: unsupported message content, or the prompt fills the context.
+        """
+        with self._registry_lock:
+            adapter = self._adapters.get(model_name)
+        if adapter is None and model_name not in self.base_names:
+            raise AdapterNotLoaded(model_name)
+        if adapter is None:
+            template, eos_ids, stops = self.entry.chat_template_text, self._base_eos, self._base_stop
+        else:
+            template, eos_ids, stops = adapter.chat_template, adapter.eos_ids, adapter.stop_strings
+        chat = normalize_messages(messages)
+        try:
+            with self._tokenizer_lock:
+                encoded = self._tokenizer.apply_chat_template(
+                    chat, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=True
+                )
+        except Exception as exc:  # jinja raises on messages the template rejects
+            raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from exc
+        input_ids = tuple(int(i) for i in encoded["input_ids"])
+        room = self.entry.context_length - len(input_ids)
+        if room <= 0:
+            raise InvalidRequest(
+                f"This model's maximum context length is {self.entry.context_length} tokens. "
+                f"However, your messages resulted in {len(input_ids)} tokens.",
+                param="messages",
+            )
+        extra_stop = [stop] if isinstance(stop, str) else list(stop or [])
+        return GenerationRequest(
+            model=model_name,
+            adapter=None if adapter is None else adapter.name,
+            input_ids=input_ids,
+            max_new_tokens=min(max_tokens or self.default_max_tokens, room),
+            eos_ids=eos_ids,
+            stop=tuple(dict.fromkeys(s for s in [*stops, *extra_stop] if s)),
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
+
+    def generate(
+        self, model_name: str, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> GenerationResult:
+        """Generate one completion; ``kwargs`` are :meth:`prepare`'s sampling arguments.
+
+        ``temperature == 0`` is greedy; ``seed`` seeds torch's RNG for sampling. ``stop`` strings cut
+        the text at their first occurrence (finish_reason ``stop``); ``length`` when the budget ran out.
+        """
+        return self.run(self.prepare(model_name, messages, **kwargs))
+
+    def generate_stream(
+        self, model_name: str, messages: Sequence[Mapping[str, Any]], **kwargs: Any
+    ) -> Iterator[str | GenerationResult]:
+        """Like :meth:`generate`, but yield text deltas, then the final :class:`GenerationResult`."""
+        return self.run_stream(self.prepare(model_name, messages, **kwargs))
+
+    def run(self, request: GenerationRequest) -> GenerationResult:
+        """Generate for a prepared request (blocking)."""
+        ids = self._generate_ids(request)
+        return finish(request, ids, self._decode(ids))
+
+    def run_stream(
+        self, request: GenerationRequest, cancel: threading.Event | None = None
+    ) -> Iterator[str | GenerationResult]:
+        """Generate in a background thread; yield text deltas, then the :class:`GenerationResult`.
+
+        Text that could still turn into a stop string is held back. Setting ``cancel`` (or closing
+        the iterator) stops generation at the next token.
+        """
+        cancel = cancel or threading.Event()
+        tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        box: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                box["ids"] = self._generate_ids(request, streamer=QueueStreamer(tokens), cancel=cancel)
+            except BaseException as exc:  # re-raised in the consumer
+                box["error"] = exc
+            finally:
+                tokens.put(_END)
+
+        threading.Thread(target=target, name="loraforge-generate", daemon=True).start()
+        holdback = max((len(s) for s in request.stop), default=1) - 1
+        ids: list[int] = []
+        emitted = ""
+        try:
+            while (item := tokens.get()) is not _END:  # _END comes once the generate thread is done
+                if cancel.is_set():
+                    continue
+                ids.extend(item)
+                text = self._decode(ids)
+                cut = find_stop(text, request.stop)
+                safe = cut if cut is not None else len(text.rstrip("\ufffd")) - holdback
+                if safe > len(emitted) and text.startswith(emitted):
+                    delta = text[len(emitted) : safe]
+                    emitted += delta
+                    yield delta
+                if cut is not None:
+                    cancel.set()  # stops generate at the next token
+            if "error" in box:
+                raise box["error"]
+            result = finish(request, box["ids"], self._decode(box["ids"]))
+            if result.text.startswith(emitted) and len(result.text) > len(emitted):
+                yield result.text[len(emitted) :]
+            yield result
+        finally:
+            cancel.set()
+
+    def _generate_ids(
+        self,
+        request: GenerationRequest,
+        *,
+        streamer: BaseStreamer | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[int]:
+        config = generation_config(request, self._tokenizer.pad_token_id)
+        prompt_len = len(request.input_ids)
+        criteria = StoppingCriteriaList([StopCriteria(self._decode, prompt_len, request.stop, cancel)])
+        input_ids = torch.tensor([request.input_ids], device=self._device)
+        with self._model_lock, self._activate(request) as model, torch.inference_mode():
+            if request.seed is not None:
+                torch.manual_seed(request.seed)
+            output = model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=config,
+                stopping_criteria=criteria,
+                streamer=streamer,
+            )
+        return [int(i) for i in output[0, prompt_len:].tolist()]
+
+    @contextmanager
+    def _activate(self, request: GenerationRequest) -> Iterator[Any]:
+        """Yield the model with the request's adapter active; caller holds the model lock."""
+        if request.adapter is None:
+            if self._peft:
+                with self._model.disable_adapter():
+                    yield self._model
+            else:
+                yield self._model
+            return
+        with self._registry_lock:
+            if request.adapter not in self._adapters:  # evicted since prepare()
+                raise AdapterNotLoaded(request.model)
+            self._adapters.move_to_end(request.adapter)
+        if self._model.active_adapter != request.adapter:
+            self._model.set_adapter(request.adapter)
+        yield self._model
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        with self._tokenizer_lock:
+            return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def load_engine(
+    settings: Settings, base_model: str, *, device: str | None = None, max_loaded_adapters: int = 16
+) -> Engine:
+    """Build an :class:`Engine` for ``base_model`` (a catalog id or alias) from ``settings``.
+
+    Args:
+        settings: where the catalog and built models live; ``torch_threads`` if set.
+        base_model: catalog id or alias.
+        device: torch device; default ``cuda`` when available, else ``cpu``.
+        max_loaded_adapters: LRU capacity.
+
+    Raises:
+        UnknownBaseModel: the catalog has no such model.
+    """
+    entry = load_catalog(settings.models_config).get(base_model)
+    if entry is None:
+        raise UnknownBaseModel(f"The base model `{base_model}` is not in the model catalog.")
+    if settings.torch_threads > 0:
+        torch.set_num_threads(settings.torch_threads)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(entry, settings.models_dir)
+    model = load_model(entry, settings.models_dir, device=device)
+    return Engine(model, tokenizer, entry, max_loaded_adapters=max_loaded_adapters)

@@ -1,0 +1,162 @@
+"""Wire models of the engine: vLLM's adapter requests and OpenAI chat completions (no torch).
+
+Requests ignore unknown fields and accept ``null`` for every optional one (OPENAI_CONTRACT §0, §10).
+Responses are built as plain dicts with OpenAI's field names and literals.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class LoadLoRAAdapterRequest(_Request):
+    """Body of ``POST /v1/load_lora_adapter`` (vLLM)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoRAAdapterRequest(_Request):
+    """Body of ``POST /v1/unload_lora_adapter`` (vLLM; ``lora_int_id`` is accepted and ignored)."""
+
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None
+
+
+class ContentPart(BaseModel):
+    """One part of a list-valued message content; non-text parts are refused by the engine."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(_Request):
+    """``POST /v1/chat/completions``: the fields this engine honours; the rest are ignored."""
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    stop: str | list[str] | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    logprobs: bool | None = None
+
+    @property
+    def budget(self) -> int | None:
+        """``max_completion_tokens``, else the deprecated ``max_tokens``."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+def completion_id() -> str:
+    """A fresh ``chatcmpl-…`` id."""
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    """Unix seconds as an int (the SDK does not coerce floats)."""
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI ``usage`` object."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def chat_completion(
+    *,
+    cid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> dict[str, Any]:
+    """A non-streaming ``ChatCompletion`` with one choice."""
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "finish_reason": finish_reason,
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(prompt_tokens, completion_tokens),
+    }
+
+
+def chat_chunk(
+    *,
+    cid: str,
+    created: int,
+    model: str,
+    delta: dict[str, Any] | None,
+    finish_reason: str | None = None,
+    include_usage: bool = False,
+    usage_value: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk``; ``delta=None`` makes the usage chunk (``choices: []``)."""
+    chunk: dict[str, Any] = {
+        "id": cid,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": []
+        if delta is None
+        else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+    }
+    if include_usage:
+        chunk["usage"] = usage_value
+    return chunk
+
+
+def model_card(
+    model_id: str, *, created: int, owned_by: str, root: str | None = None, parent: str | None = None
+) -> dict[str, Any]:
+    """One ``Model`` entry of ``GET /v1/models`` (with vLLM's ``root`` and ``parent``)."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": owned_by,
+        "root": root,
+        "parent": parent,
+    }
