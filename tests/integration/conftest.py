@@ -40,6 +40,7 @@ def reachable(host: str, port: int) -> bool:
 class Stack:
     """A running ``loraforge serve`` and how to reach it."""
 
+    backend: str  # "embedded" (SQLite + filesystem broker) or "postgres-redis"
     home: Path
     env: dict[str, str]
     api_url: str
@@ -112,7 +113,7 @@ def _postgres_database() -> tuple[str, callable] | None:
     return admin.rsplit("/", 1)[0] + f"/{name}", drop
 
 
-def start_stack(home: Path, extra_env: dict[str, str]) -> Stack:
+def start_stack(home: Path, extra_env: dict[str, str], backend: str = "embedded") -> Stack:
     api_port, engine_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -125,13 +126,21 @@ def start_stack(home: Path, extra_env: dict[str, str]) -> Stack:
     }
     log_path = home / "serve.log"
     home.mkdir(parents=True, exist_ok=True)
-    stack = Stack(home, env, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{engine_port}", log_path)
+    stack = Stack(
+        backend, home, env, f"http://127.0.0.1:{api_port}", f"http://127.0.0.1:{engine_port}", log_path
+    )
     with log_path.open("wb") as log:
         stack.proc = subprocess.Popen(
             [sys.executable, "-m", "loraforge", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
     _wait_healthy(stack)
     return stack
+
+
+def only_embedded(stack: Stack) -> None:
+    """Skip on the PostgreSQL + Redis stack: for tests whose subject does not depend on the backend."""
+    if stack.backend != "embedded":
+        pytest.skip("backend-independent; runs on the embedded stack only")
 
 
 def stop_stack(stack: Stack) -> None:
@@ -159,7 +168,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
         redis.Redis.from_url(REDIS_URL).flushdb()
         extra = {"LORAFORGE_DATABASE_URL": url, "LORAFORGE_BROKER_URL": REDIS_URL}
-    stack = start_stack(tmp_path_factory.mktemp(f"home-{request.param}"), extra)
+    stack = start_stack(tmp_path_factory.mktemp(f"home-{request.param}"), extra, request.param)
     try:
         yield stack
     finally:

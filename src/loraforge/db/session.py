@@ -63,4 +63,4 @@ def migrate(settings: Settings) -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     # Several processes (API, worker, engine) may start at once: one migrates, the others wait.
     with FileLock(str(settings.home / ".migrate.lock")):
-        command.upgrade(cfg, "head")
+        command.upgrade(cfg, "heads")
