@@ -53,7 +53,9 @@ def get_session(services: ServicesDep) -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": commit before the response is sent, so a client never reads before our write
+# lands, and a failed commit is an error response rather than a lost write.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 def get_org(request: Request, services: ServicesDep) -> Organization:
