@@ -20,9 +20,17 @@ SHARED = REPO.parent / "shared"
 class RecordingDispatcher:
     def __init__(self) -> None:
         self.validated: list[str] = []
+        self.trained: list[str] = []
+        self.files_validated: list[str] = []
 
     def validate_job(self, job_id: str) -> None:
         self.validated.append(job_id)
+
+    def train_job(self, job_id: str) -> None:
+        self.trained.append(job_id)
+
+    def validate_file(self, file_id: str) -> None:
+        self.files_validated.append(file_id)
 
 
 @pytest.fixture

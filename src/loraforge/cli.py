@@ -7,11 +7,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from loraforge.cli_client import register as register_client_commands
 from loraforge.settings import Settings, get_settings
 
 app = typer.Typer(help="loraforge: self-hosted, OpenAI-compatible LoRA fine-tuning.", no_args_is_help=True)
@@ -76,8 +78,14 @@ def engine(
     ] = None,
     host: Annotated[str | None, typer.Option(help="Bind address")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default LORAFORGE_ENGINE_PORT)")] = None,
+    max_loaded_adapters: Annotated[int, typer.Option(help="LRU capacity of hot-loaded adapters")] = 16,
+    max_batch_size: Annotated[int, typer.Option(help="Most concurrent requests per generate call")] = 8,
+    batch_window_ms: Annotated[float, typer.Option(help="How long a batch waits for company (ms)")] = 5.0,
 ) -> None:
-    """Run an inference engine for one base model (hot-loads LoRA adapters)."""
+    """Run an inference engine for one base model (hot-loads LoRA adapters, batches requests).
+
+    Requires ``Authorization: Bearer $LORAFORGE_ENGINE_API_KEY`` on /v1 when that is set.
+    """
     from loraforge.serving.app import run_engine
 
     settings = get_settings()
@@ -86,6 +94,10 @@ def engine(
         base or settings.serve_base_model,
         host or settings.engine_host,
         port or settings.engine_port,
+        max_loaded_adapters=max_loaded_adapters,
+        max_batch_size=max_batch_size,
+        batch_window_ms=batch_window_ms,
+        api_key=settings.engine_api_key or None,
     )
 
 
@@ -136,10 +148,45 @@ def serve() -> None:
     raise typer.Exit(exit_code)
 
 
+@app.command()
+def validate(
+    file: Annotated[Path, typer.Argument(help="Training file (JSONL)")],
+    model: Annotated[str, typer.Option(help="Base model id, e.g. loraforge/tiny-llama")],
+    method: Annotated[str, typer.Option(help="supervised | dpo")] = "supervised",
+    validation_file: Annotated[Path | None, typer.Option(help="Validation file (JSONL)")] = None,
+    n_epochs: Annotated[int | None, typer.Option(help="As the job's hyperparameter (default auto)")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="As the job's hyperparameter (default auto)")] = None,
+    max_seq_length: Annotated[int | None, typer.Option(help="Cut examples here (default: model's)")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the dry-run JSON")] = False,
+) -> None:
+    """Validate a training file locally and count its tokens: what a job (or a dry run) reports."""
+    from loraforge.preflight.console import run_validate
+
+    hyper = {"n_epochs": n_epochs or "auto", "batch_size": batch_size or "auto"}
+    hyper["max_seq_length"] = max_seq_length
+    code = run_validate(
+        get_settings(),
+        file,
+        model,
+        method=method,
+        validation_file=validation_file,
+        hyperparameters=hyper,
+        as_json=json_output,
+        out=Console(),
+        err=err,
+    )
+    raise typer.Exit(code)
+
+
 @keys_app.command("create")
 def keys_create(
     org: Annotated[str, typer.Option(help="Organization name (created if new)")],
-    tier: Annotated[str | None, typer.Option(help="Plan: trial | core | scale | enterprise")] = None,
+    tier: Annotated[
+        str | None,
+        typer.Option(
+            help="Plan: trial | core | scale | enterprise (default for a new org: enterprise, no limit)"
+        ),
+    ] = None,
 ) -> None:
     """Create an API key for ORG; the key is the last line of the output."""
     from loraforge.db.session import make_engine, make_sessionmaker, migrate, session_scope
@@ -157,6 +204,10 @@ def keys_create(
         typer.echo(f"organization: {organization.name} ({organization.id}, tier {organization.tier})")
     engine_.dispose()
     typer.echo(key)
+
+
+# files / jobs / models / chat: the HTTP client commands (the openai SDK against /v1).
+register_client_commands(app)
 
 
 def main() -> None:

@@ -11,6 +11,10 @@ from loraforge.db.models import ApiKey, Organization
 from loraforge.ids import new_id, now, random_token
 
 TIERS = ("trial", "core", "scale", "enterprise")
+# An organization created without a plan (``loraforge keys create --org X``) is the operator's own
+# on a self-hosted install: no hosted-model limit. Plans with limits are chosen explicitly
+# (``--tier trial|core|scale``; see ``jobs/limits.py``).
+DEFAULT_TIER = "enterprise"
 
 
 def hash_key(key: str) -> str:
@@ -18,12 +22,12 @@ def hash_key(key: str) -> str:
 
 
 def get_or_create_org(session: Session, name: str, tier: str | None = None) -> Organization:
-    """The organization called ``name``; created with ``tier`` (default trial) if new."""
+    """The organization called ``name``; created with ``tier`` (default :data:`DEFAULT_TIER`) if new."""
     if tier is not None and tier not in TIERS:
         raise ValueError(f"tier must be one of {', '.join(TIERS)}")
     org = session.execute(select(Organization).where(Organization.name == name)).scalar_one_or_none()
     if org is None:
-        org = Organization(id=new_id("org-"), name=name, tier=tier or "trial", created_at=now())
+        org = Organization(id=new_id("org-"), name=name, tier=tier or DEFAULT_TIER, created_at=now())
         session.add(org)
         session.flush()
     elif tier is not None:

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Base model -> engine URLs that serve it, e.g. ``{"loraforge/tiny-llama": ["http://127.0.0.1:8100"]}``.
     # Empty means: the one local engine (``engine_host:engine_port``) serves ``serve_base_model``.
     engines: dict[str, list[str]] = Field(default_factory=dict)
+    # Bearer key the engines require on /v1 (``loraforge engine``, or a vLLM ``--api-key``); the
+    # worker and the API send it. Empty: no key.
+    engine_api_key: str = ""
     # The base model ``loraforge serve`` starts an engine for.
     serve_base_model: str = "loraforge/tiny-llama"
 
@@ -48,6 +51,33 @@ class Settings(BaseSettings):
     trainer_python: str = ""
     # Threads for CPU training/inference; 0 leaves torch's default.
     torch_threads: int = 0
+
+    # Crash recovery. A worker renews the lease of each job it runs every ``heartbeat_seconds``;
+    # a reaper (in every worker, every ``reaper_interval_seconds``) re-queues a running job whose
+    # lease is older than ``lease_timeout_seconds`` and re-dispatches a queued job nobody picked
+    # up for ``requeue_after_seconds`` (its message may have died with a worker).
+    heartbeat_seconds: float = 5.0
+    lease_timeout_seconds: float = 60.0
+    reaper_interval_seconds: float = 10.0
+    requeue_after_seconds: float = 300.0
+    # Pause: how long a worker waits for the trainer's pause checkpoint before stopping it anyway.
+    pause_timeout_seconds: float = 120.0
+    # Evaluate on the validation sample every N steps besides each epoch end (0: epoch ends only).
+    eval_every_steps: int = 50
+
+    # Idempotency-Key: how long a key replays its first response (OpenAI/Stripe: 24 h), and after
+    # how long a first request that never finished (process died) stops blocking its key.
+    idempotency_ttl_seconds: int = 24 * 3600
+    idempotency_lock_seconds: int = 600
+    # Webhooks: retry n waits base * 2**(n-1) seconds, capped; ~47 h of retries with the defaults.
+    webhook_retry_base_seconds: float = 5.0
+    webhook_retry_max_seconds: float = 6 * 3600
+    webhook_max_attempts: int = 20
+    # One delivery attempt's HTTP timeout, and how often a worker looks for due deliveries.
+    webhook_timeout_seconds: float = 10.0
+    webhook_poll_seconds: float = 0.5
+    # A dispatched delivery whose task has not started after this long is dispatched again.
+    webhook_requeue_seconds: float = 300.0
 
     @field_validator("home")
     @classmethod
@@ -81,6 +111,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def exports_dir(self) -> Path:
+        """Cached model exports (merged weights), one folder per fine-tuning job."""
+        return self.home / "exports"
 
     def engine_urls(self, base_model: str) -> list[str]:
         """The engines that serve ``base_model`` (empty if none)."""

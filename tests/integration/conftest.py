@@ -122,6 +122,8 @@ def start_stack(home: Path, extra_env: dict[str, str], backend: str = "embedded"
         "LORAFORGE_ENGINE_PORT": str(engine_port),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # Short webhook back-off so retry tests take seconds, not minutes.
+        "LORAFORGE_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
         **extra_env,
     }
     log_path = home / "serve.log"

@@ -16,9 +16,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from openai import BadRequestError, NotFoundError, OpenAI
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
-from loraforge.adapters.format import AdapterManifest, LoraSettings, read_manifest, write_manifest
+from loraforge.adapters.format import read_manifest, write_manifest
 from loraforge.catalog import load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
 from loraforge.serving.app import create_engine_app, run_engine
@@ -26,68 +26,10 @@ from loraforge.serving.client import EngineClient, EngineRequestError
 from loraforge.serving.engine import Engine, GenerationResult, load_engine
 from loraforge.serving.errors import AdapterNotLoaded, BaseModelMismatch, UnknownBaseModel
 from loraforge.settings import Settings
+from tests.unit.lora_helpers import ANSWER, PROMPT, SYSTEM, train_adapter
 
 BASE = "loraforge/tiny-llama"
 ADAPTER = "ft:tiny-llama:refund:ftjob-test"
-SYSTEM = "You are a ticket classifier. Reply with JSON only."
-ANSWER = '{"label": "refund", "priority": "high", "ok": true}'
-PROMPT = [
-    {"role": "system", "content": SYSTEM},
-    {"role": "user", "content": "Ticket 4: my order has not arrived"},
-]
-
-
-def _examples() -> list[list[dict[str, str]]]:
-    users = ["Ticket {i}: my order has not arrived", "Ticket {i}: please classify this customer message"]
-    return [
-        [
-            {"role": "system", "content": SYSTEM},
-            {"role": "user", "content": users[i % 2].format(i=i)},
-            {"role": "assistant", "content": ANSWER},
-        ]
-        for i in range(20)
-    ]
-
-
-def _train_adapter(entry, models_dir: Path, out: Path) -> None:
-    """FACTS_CPU §3 recipe: r=16 all-linear, lr 5e-3, batch 4, 100 steps, assistant-only labels."""
-    tok = load_tokenizer(entry, models_dir)
-    torch.manual_seed(0)
-    model = get_peft_model(
-        load_model(entry, models_dir),
-        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM"),
-    )
-    encoded = [
-        tok.apply_chat_template(m, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-        for m in _examples()
-    ]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-    model.train()
-    for step in range(100):
-        batch = [encoded[(step * 4 + j) % len(encoded)] for j in range(4)]
-        width = max(len(e["input_ids"]) for e in batch)
-        ids = torch.full((4, width), tok.pad_token_id)
-        labels = torch.full((4, width), -100)
-        mask = torch.zeros((4, width), dtype=torch.long)
-        for j, e in enumerate(batch):
-            row = torch.tensor(e["input_ids"])
-            ids[j, : len(row)], mask[j, : len(row)] = row, 1
-            labels[j, : len(row)] = torch.where(torch.tensor(e["assistant_masks"]).bool(), row, -100)
-        model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    model.save_pretrained(out)
-    manifest = AdapterManifest(
-        job_id="ftjob-test",
-        base_model=entry.id,
-        base_weights=entry.weights,
-        chat_template=entry.chat_template_text,
-        stop_tokens=entry.stop_tokens,
-        lora=LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=["all-linear"]),
-        hyperparameters={"n_epochs": 20, "learning_rate": 5e-3, "batch_size": 4},
-        total_steps=100,
-    )
-    write_manifest(out, manifest)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +37,7 @@ def tiny(tmp_path_factory):
     entry = load_catalog().get(BASE)
     models_dir = tmp_path_factory.mktemp("models")
     adapter_dir = tmp_path_factory.mktemp("adapters") / "refund"
-    _train_adapter(entry, models_dir, adapter_dir)
+    train_adapter(entry, models_dir, adapter_dir)
     return entry, models_dir, adapter_dir
 
 
@@ -142,7 +84,13 @@ def test_load_is_idempotent_and_listed(http, loaded, tiny):
     assert cards[BASE]["object"] == "model" and isinstance(cards[BASE]["created"], int)
     assert cards[loaded]["parent"] == BASE and cards[loaded]["root"] == str(tiny[2].resolve())
     assert http.get(f"/v1/models/{loaded}").json()["id"] == loaded
-    assert http.get("/health").json() == {"status": "ok", "base_model": BASE, "adapters": [loaded]}
+    health = http.get("/health").json()
+    assert {k: health[k] for k in ("status", "base_model", "adapters")} == {
+        "status": "ok",
+        "base_model": BASE,
+        "adapters": [loaded],
+    }
+    assert set(health["stats"]) == {"batches", "requests", "largest_batch"}
 
 
 def test_adapter_answers_trained_json_and_base_does_not(sdk, loaded):
@@ -243,7 +191,7 @@ def test_unknown_fields_and_nulls_are_accepted(http, loaded):
         ({"model": BASE, "messages": PROMPT, "temperature": 5}, "temperature"),
         ({"model": BASE, "messages": [{"role": "robot", "content": "hi"}]}, "messages.[0].role"),
         ({"model": BASE, "messages": [{"role": "user", "content": 5}]}, "messages.[0].content"),
-        ({"model": BASE, "messages": PROMPT, "n": 2}, "n"),
+        ({"model": BASE, "messages": PROMPT, "n": 2, "stream": True}, "n"),
         (
             {"model": BASE, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages.[0].content",
@@ -260,7 +208,7 @@ def test_bad_requests_get_400_envelope(http, body, param):
 
 def test_sdk_errors_and_unparseable_json(sdk, http):
     with pytest.raises(BadRequestError) as info:
-        sdk.chat.completions.create(model=BASE, messages=PROMPT, n=2)
+        sdk.chat.completions.create(model=BASE, messages=PROMPT, n=2, stream=True)
     assert info.value.param == "n"
     broken = http.post(
         "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
@@ -386,7 +334,8 @@ def test_factory_lifespan_and_api_key(tmp_path):
     settings = Settings(home=tmp_path)
     app = create_engine_app(lambda: load_engine(settings, BASE, max_loaded_adapters=2), api_key="sekret")
     with TestClient(app) as client:  # the factory runs at startup, not before
-        assert client.get("/health").json() == {"status": "ok", "base_model": BASE, "adapters": []}
+        health = client.get("/health").json()
+        assert (health["status"], health["base_model"], health["adapters"]) == ("ok", BASE, [])
         denied = client.get("/v1/models")
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
         assert client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200

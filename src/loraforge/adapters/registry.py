@@ -4,13 +4,14 @@ serve them. Users name adapters; they never send paths (vLLM's ``LoRARequest`` a
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from loraforge.adapters.format import validate_adapter_dir
-from loraforge.db.models import FineTunedModel, Organization
+from loraforge.db.models import FineTunedModel, JobCheckpoint, Organization
 from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
 from loraforge.settings import Settings
@@ -44,7 +45,9 @@ def load_into_engines(settings: Settings, model: FineTunedModel) -> list[str]:
     failed = []
     for url in settings.engine_urls(model.base_model):
         try:
-            EngineClient(url).load_adapter_sync(model.id, model.adapter_path)
+            EngineClient(url, api_key=settings.engine_api_key or None).load_adapter_sync(
+                model.id, model.adapter_path
+            )
         except Exception as exc:  # noqa: BLE001 - any engine failure is reported, not raised
             log.warning("could not load %s into %s: %s", model.id, url, exc)
             failed.append(url)
@@ -52,11 +55,12 @@ def load_into_engines(settings: Settings, model: FineTunedModel) -> list[str]:
 
 
 def unload_from_engines(settings: Settings, model: FineTunedModel) -> None:
+    """Unload ``model`` from every engine replica serving its base (best effort, logged)."""
     from loraforge.serving.client import EngineClient
 
     for url in settings.engine_urls(model.base_model):
         try:
-            EngineClient(url).unload_adapter_sync(model.id)
+            EngineClient(url, api_key=settings.engine_api_key or None).unload_adapter_sync(model.id)
         except Exception as exc:  # noqa: BLE001
             log.info("unload of %s from %s: %s", model.id, url, exc)
 
@@ -92,3 +96,71 @@ def delete_fine_tuned_model_by_name(session: Session, name: str) -> None:
     if model is not None:
         session.delete(model)
         session.flush()
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A name chat completions can use: a fine-tuned model or one of its job's checkpoints."""
+
+    name: str
+    base_model: str
+    adapter_path: str
+    job_id: str
+    created_at: int
+    # None for a fine-tuned model; the checkpoint's step for ``…:ckpt-step-N``.
+    checkpoint_step: int | None = None
+
+
+def get_checkpoint_model(session: Session, org: Organization, name: str) -> JobCheckpoint | None:
+    """The org's checkpoint model ``name`` (``{fine_tuned_model}:ckpt-step-N``), if any."""
+    return session.execute(
+        select(JobCheckpoint).where(
+            JobCheckpoint.fine_tuned_model_checkpoint == name, JobCheckpoint.org_id == org.id
+        )
+    ).scalar_one_or_none()
+
+
+def list_checkpoint_models(session: Session, org: Organization) -> list[JobCheckpoint]:
+    """The org's checkpoint models, oldest first."""
+    return list(
+        session.execute(
+            select(JobCheckpoint).where(JobCheckpoint.org_id == org.id).order_by(JobCheckpoint.seq)
+        ).scalars()
+    )
+
+
+def resolve(session: Session, org: Organization, name: str) -> ServedModel:
+    """The adapter behind ``name``: one of the org's fine-tuned models or checkpoint models.
+
+    Raises:
+        ModelNotFoundError: neither exists for this org.
+    """
+    model = session.execute(
+        select(FineTunedModel).where(FineTunedModel.id == name, FineTunedModel.org_id == org.id)
+    ).scalar_one_or_none()
+    if model is not None:
+        return ServedModel(model.id, model.base_model, model.adapter_path, model.job_id, model.created_at)
+    ckpt = get_checkpoint_model(session, org, name)
+    if ckpt is None:
+        raise ModelNotFoundError(name)
+    return ServedModel(
+        ckpt.fine_tuned_model_checkpoint,
+        ckpt.base_model,
+        ckpt.adapter_path,
+        ckpt.job_id,
+        ckpt.created_at,
+        ckpt.step_number,
+    )
+
+
+def unload_names(settings: Settings, base_model: str, names: list[str]) -> None:
+    """Unload adapters by name from every engine serving ``base_model`` (best effort, logged)."""
+    from loraforge.serving.client import EngineClient
+
+    for url in settings.engine_urls(base_model) if names else []:
+        client = EngineClient(url, api_key=settings.engine_api_key or None)
+        for name in names:
+            try:
+                client.unload_adapter_sync(name)
+            except Exception as exc:  # noqa: BLE001
+                log.info("unload of %s from %s: %s", name, url, exc)

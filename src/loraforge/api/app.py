@@ -10,11 +10,13 @@ from fastapi.responses import JSONResponse
 
 from loraforge.api.deps import Dispatcher, Services
 from loraforge.api.errors import error_body, install_error_handlers
-from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models
+from loraforge.api.idempotency import install_idempotency
+from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models, uploads, webhook_endpoints
 from loraforge.catalog import load_catalog
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
+from loraforge.web import mount_web
 
 # Multipart framing and the form fields come on top of the file itself.
 _MULTIPART_SLACK = 64 * 1024
@@ -45,6 +47,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
 
     app = FastAPI(title="loraforge", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    install_idempotency(app)
+    uploads.install_part_limit(app)
 
     @app.middleware("http")
     async def upload_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -69,7 +73,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
         return await call_next(request)
 
     v1 = APIRouter(prefix="/v1")
-    for module in (files, fine_tuning_jobs, models, chat_completions):
+    for module in (files, uploads, fine_tuning_jobs, models, chat_completions, webhook_endpoints):
         v1.include_router(module.router)
     app.include_router(v1)
 
@@ -77,4 +81,6 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
+    # The web platform at `/` (static pages calling /v1 with the user's key).
+    mount_web(app)
     return app

@@ -22,6 +22,10 @@ class Dispatcher(Protocol):
 
     def validate_job(self, job_id: str) -> None: ...
 
+    def train_job(self, job_id: str) -> None: ...
+
+    def validate_file(self, file_id: str) -> None: ...
+
 
 @dataclass
 class Services:

@@ -25,8 +25,35 @@ class TrainingTarget(BaseModel):
     dtype: str = "bfloat16"
 
 
+# Modules whose LoRA is an embedding adapter (vLLM serves these only for some models/versions).
+EMBEDDING_MODULES = ("embed_tokens", "lm_head")
+
+
 class ServingTarget(BaseModel):
+    """What the engine serving this base model accepts in an adapter.
+
+    The defaults are what a stock vLLM server accepts for Llama (``vllm/lora/peft_helper.py``):
+    LoRA on the seven linear projections, no DoRA, no ``modules_to_save``, no embedding or
+    ``lm_head`` adapters; rank up to the server's ``--max-lora-rank`` (vLLM's default is 16, so a
+    vLLM replica for a base with ``max_lora_rank: 64`` must be started with ``--max-lora-rank 64``).
+    A job whose LoRA settings break these limits is refused at creation (``jobs/compat.py``) and
+    an adapter that breaks them is refused at load (``serving/lora.py``).
+    """
+
     max_lora_rank: int = 64
+    # LoRA target modules (last name segment) the serving engine can apply.
+    target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
+    # Weight-decomposed LoRA (vLLM: "does not yet support DoRA").
+    dora: bool = False
+    # Fully trained extra modules saved with the adapter (vLLM: "only supports modules_to_save being None").
+    modules_to_save: bool = False
+    # LoRA on embed_tokens / lm_head.
+    embedding_adapters: bool = False
+
+    def supports_module(self, name: str) -> bool:
+        """Whether a LoRA on module ``name`` (its last segment) can be served."""
+        short = name.rsplit(".", 1)[-1]
+        return short in self.target_modules or (self.embedding_adapters and short in EMBEDDING_MODULES)
 
 
 class BaseModelEntry(BaseModel):

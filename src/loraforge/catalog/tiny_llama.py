@@ -22,6 +22,7 @@ SPECIAL_TOKENS = [
     "<|finetune_right_pad_id|>",
 ]
 VOCAB_SIZE = 1024
+TINY_BOS, TINY_EOS, TINY_PAD = "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>"
 # A frozen random lm_head with the default std (0.02) caps the loss LoRA can reach at ~5.7;
 # std 1.0 lets the adapter drive it to ~0 (measured, FACTS_CPU §3).
 LM_HEAD_STD = 1.0
@@ -52,9 +53,17 @@ def _corpus(n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def _build_tokenizer(chat_template: str):  # type: ignore[no-untyped-def]
+def build_raw_tokenizer():  # type: ignore[no-untyped-def]
+    """Train the tiny model's byte-level BPE tokenizer (``tokenizers`` only: no torch, no transformers).
+
+    Deterministic: the same corpus and settings give the same ``tokenizer.json`` as the full build
+    (:func:`build_tiny_llama` wraps this very object), so the API and the worker can count tokens
+    with it without importing torch.
+
+    Returns:
+        A ``tokenizers.Tokenizer``.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -69,11 +78,40 @@ def _build_tokenizer(chat_template: str):  # type: ignore[no-untyped-def]
     tok.post_processor = processors.TemplateProcessing(
         single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 0)]
     )
+    return tok
+
+
+def save_tokenizer_json(output_dir: Path) -> Path:
+    """Write the tiny tokenizer's ``tokenizer.json`` into ``output_dir`` (atomically; idempotent).
+
+    Args:
+        output_dir: directory to hold ``tokenizer.json``; created if missing.
+
+    Returns:
+        The path of ``tokenizer.json``.
+    """
+    path = output_dir / "tokenizer.json"
+    if path.is_file():
+        return path
+    output_dir.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir / f".tokenizer-{os.getpid()}-{random.randrange(1 << 30)}.json"
+    try:
+        build_raw_tokenizer().save(str(tmp))
+        # Same bytes whoever wins the race (deterministic build), so a plain replace is safe.
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _build_tokenizer(chat_template: str):  # type: ignore[no-untyped-def]
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|begin_of_text|>",
-        eos_token="<|eot_id|>",
-        pad_token="<|finetune_right_pad_id|>",
+        tokenizer_object=build_raw_tokenizer(),
+        bos_token=TINY_BOS,
+        eos_token=TINY_EOS,
+        pad_token=TINY_PAD,
     )
     fast.chat_template = chat_template
     return fast

@@ -5,7 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -80,6 +91,19 @@ class Job(Base):
     # Lease: which worker runs it, and when it last said so.
     worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
     heartbeat_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Continued fine-tuning: the fine-tuned model or checkpoint the job starts from (the `model`
+    # the user sent); `model` is then that model's base.
+    parent_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    # The fine_tuned_model name, chosen when the job first runs so checkpoints can be named
+    # `{name}:ckpt-step-N` before the job succeeds.
+    reserved_model: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    # Set by POST .../pause on a running job; the worker saves a checkpoint and marks it paused.
+    pause_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default="0")
+    # When the job last entered `queued` (a reaper re-dispatches jobs whose message was lost).
+    queued_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Pre-flight of the job's files against its base model: token counts and the run estimate
+    # (``loraforge.preflight``), written when the job leaves ``validating_files``.
+    preflight: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
 
 class JobEvent(Base):
@@ -105,3 +129,141 @@ class FineTunedModel(Base):
     base_model: Mapped[str] = mapped_column(String(256))
     adapter_path: Mapped[str] = mapped_column(String(1024))
     created_at: Mapped[int] = mapped_column(Integer)
+
+
+class IdempotencyKey(Base):
+    """A create request made with an ``Idempotency-Key`` and the response it got (24 h replay)."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (UniqueConstraint("org_id", "key", "method", "path", name="uq_idempotency_scope"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    key: Mapped[str] = mapped_column(String(255))
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    # sha256 of the request's meaning (JSON canonicalised, multipart by field), not its bytes:
+    # a retried multipart request has a new boundary.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    # NULL while the first request is still running (a concurrent duplicate gets a 409).
+    response_status: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    response_body: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class WebhookEndpoint(Base):
+    """A URL an organization registered to receive signed event deliveries."""
+
+    __tablename__ = "webhook_endpoints"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    name: Mapped[str] = mapped_column(String(256))
+    url: Mapped[str] = mapped_column(String(2048))
+    event_types: Mapped[list[Any]] = mapped_column(JSON)
+    signing_secret: Mapped[str] = mapped_column(String(128))
+    # After rotate_secret(keep_old_secret_active_for_24_hours=True) deliveries carry both signatures.
+    previous_signing_secret: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    previous_secret_expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[int] = mapped_column(Integer)
+    # Soft delete: the delivery history stays readable and pending deliveries see the endpoint is gone.
+    deleted_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class WebhookDelivery(Base):
+    """The outbox: one event for one endpoint, written in the transaction that caused the event.
+
+    ``id`` is the ``webhook-id`` header, the same on every attempt; ``payload`` is the exact body.
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    event_id: Mapped[str] = mapped_column(String(64), index=True)
+    event_type: Mapped[str] = mapped_column(String(64))
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    endpoint_id: Mapped[str] = mapped_column(ForeignKey("webhook_endpoints.id"), index=True)
+    payload: Mapped[str] = mapped_column(Text)
+    # pending -> queued (task sent) -> delivering (attempt running) -> succeeded | pending | failed;
+    # cancelled when the endpoint is deleted.
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    # While queued or delivering: when the claim lapses and the sweeper may dispatch it again.
+    lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
+    last_status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+    delivered_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+
+class WebhookDeliveryAttempt(Base):
+    """One HTTP attempt of a delivery: what the receiver answered, or why it could not."""
+
+    __tablename__ = "webhook_delivery_attempts"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[float] = mapped_column(Float)
+    duration_ms: Mapped[int] = mapped_column(Integer)
+    status_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The first bytes of the receiver's answer, for debugging a failing endpoint.
+    response_excerpt: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+
+class JobCheckpoint(Base):
+    """An epoch-end checkpoint of a job: a servable adapter directory, named
+    ``{fine_tuned_model}:ckpt-step-{N}`` (OpenAI's ``fine_tuning.job.checkpoint``)."""
+
+    __tablename__ = "fine_tuning_job_checkpoints"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("fine_tuning_jobs.id"), index=True)
+    step_number: Mapped[int] = mapped_column(Integer)
+    fine_tuned_model_checkpoint: Mapped[str] = mapped_column(String(600), unique=True, index=True)
+    base_model: Mapped[str] = mapped_column(String(256))
+    adapter_path: Mapped[str] = mapped_column(String(1024))
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[int] = mapped_column(Integer)
+
+
+class Upload(Base):
+    """A multipart upload (``/v1/uploads``): parts arrive separately and become one File on complete."""
+
+    __tablename__ = "uploads"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(512))
+    purpose: Mapped[str] = mapped_column(String(32))
+    mime_type: Mapped[str] = mapped_column(String(128))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[int] = mapped_column(Integer)
+    # The upload itself expires an hour after creation; ``file_expires_after`` is for the File.
+    expires_at: Mapped[int] = mapped_column(Integer, index=True)
+    file_expires_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # pending -> completed | cancelled | expired
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class UploadPart(Base):
+    """One stored chunk of an upload (its bytes live in the blob store under ``storage_key``)."""
+
+    __tablename__ = "upload_parts"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    upload_id: Mapped[str] = mapped_column(ForeignKey("uploads.id"), index=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    storage_key: Mapped[str] = mapped_column(String(512))

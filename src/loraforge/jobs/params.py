@@ -19,11 +19,32 @@ class Hyperparameters(BaseModel):
     batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
     learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
     n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    # LoRA knobs and schedule (Together / Nebius names); None means the base model's default from
+    # the catalog, filled in at creation. Whether the engines can serve the result is checked
+    # against the base's serving target by ``jobs/compat.py``.
+    lora_r: Annotated[int, Field(ge=1, le=1024)] | None = None
+    lora_alpha: Annotated[int, Field(ge=1, le=4096)] | None = None
+    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    # Module names, or "all-linear" (every linear projection of a block, the default).
+    lora_target_modules: (
+        Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)] | None
+    ) = None
+    max_seq_length: Annotated[int, Field(ge=8)] | None = None
+    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
+    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
 
     @field_validator("batch_size", "n_epochs", "learning_rate_multiplier", mode="before")
     @classmethod
     def _none_is_auto(cls, value: Any) -> Any:
         return "auto" if value is None else value
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _modules_list(cls, value: Any) -> Any:
+        # Together takes "all-linear" or a comma-separated string; OpenAI-style clients send lists.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()] or [value]
+        return value
 
 
 class SupervisedMethod(BaseModel):
@@ -63,6 +84,8 @@ class JobCreateParams(BaseModel):
     seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
     metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
     integrations: list[Integration] | None = None
+    # loraforge extension: validate the files and estimate the run without creating a job.
+    dry_run: bool | None = None
 
     def requested_hyperparameters(self) -> Hyperparameters:
         """``method.supervised.hyperparameters`` if given, else the legacy top-level field."""

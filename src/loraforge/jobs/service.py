@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from loraforge.adapters import registry
 from loraforge.catalog import Catalog
-from loraforge.db.models import FileRecord, FineTunedModel, Job, JobEvent, Organization
+from loraforge.db.models import FileRecord, Job, JobEvent, Organization
 from loraforge.db.pagination import paginate
-from loraforge.errors import InvalidRequestError, ModelNotFoundError, NotFoundError
+from loraforge.errors import InvalidRequestError, NotFoundError
 from loraforge.ids import new_id, now
+from loraforge.jobs import checkpoints, datacheck
+from loraforge.jobs.compat import servable_hyperparameters
+from loraforge.jobs.limits import check_hosted_model_limit
 from loraforge.jobs.params import JobCreateParams
 from loraforge.jobs.state import TERMINAL, JobStatus, add_event, transition
+from loraforge.settings import Settings
+from loraforge.storage.blobs import BlobStore
 
 
 def _check_training_file(session: Session, org: Organization, file_id: str, param: str) -> FileRecord:
@@ -36,22 +43,72 @@ def _check_training_file(session: Session, org: Organization, file_id: str, para
 def resolve_base_model(session: Session, catalog: Catalog, org: Organization, model: str) -> str:
     """The public catalog id a job on ``model`` trains on.
 
+    ``model`` may be a catalog model, or, for continued fine-tuning, one of the org's fine-tuned
+    models or checkpoint models (``…:ckpt-step-N``): training then starts from that adapter on
+    its base (the job keeps the name in ``parent_model``).
+
     Raises:
-        ModelNotFoundError: ``model`` is neither a catalog model nor one of the org's fine-tuned models.
+        ModelNotFoundError: ``model`` is none of these.
     """
     entry = catalog.get(model)
     if entry is not None:
         return entry.id
-    ftm = session.execute(
-        select(FineTunedModel).where(FineTunedModel.id == model, FineTunedModel.org_id == org.id)
+    return registry.resolve(session, org, model).base_model
+
+
+def _check_method(params: JobCreateParams) -> None:
+    """Supervised jobs train. A DPO job is accepted so that its worker can say what its file is
+    (a chat file: ``invalid_training_file`` as OpenAI says it; a preference file: not supported yet)."""
+    if params.method is not None and params.method.type not in ("supervised", "dpo"):
+        raise InvalidRequestError(
+            f"method.type '{params.method.type}' is not supported yet; use 'supervised'.",
+            param="method.type",
+        )
+
+
+def _method_record(params: JobCreateParams, hyper: dict[str, Any]) -> dict[str, Any]:
+    kind = params.method.type if params.method is not None else "supervised"
+    return {"type": kind, kind: {"hyperparameters": hyper}}
+
+
+def dry_run_job(
+    session: Session,
+    catalog: Catalog,
+    settings: Settings,
+    blobs: BlobStore,
+    org: Organization,
+    params: JobCreateParams,
+) -> dict[str, Any]:
+    """``dry_run: true``: the request checks a real create makes, then the pre-flight a worker
+    makes (``jobs/datacheck.py``), answered now; nothing is stored.
+
+    Raises:
+        InvalidRequestError, NotFoundError: as :func:`create_job` does, except that a file whose
+            upload check failed is reported on, not refused.
+    """
+    _check_method(params)
+    base = resolve_base_model(session, catalog, org, params.model)
+    training = _dry_run_file(session, org, params.training_file, "training_file")
+    validation = None
+    if params.validation_file:
+        validation = _dry_run_file(session, org, params.validation_file, "validation_file")
+    hyper = servable_hyperparameters(catalog, base, params)
+    entry = catalog.get(base)
+    assert entry is not None
+    return datacheck.dry_run(session, settings, blobs, entry, params, hyper, training, validation)
+
+
+def _dry_run_file(session: Session, org: Organization, file_id: str, param: str) -> FileRecord:
+    record = session.execute(
+        select(FileRecord).where(FileRecord.id == file_id, FileRecord.org_id == org.id)
     ).scalar_one_or_none()
-    if ftm is None:
-        raise ModelNotFoundError(model)
-    raise InvalidRequestError(
-        "Continued fine-tuning from a fine-tuned model is not supported yet; use its base model "
-        f"{ftm.base_model}.",
-        param="model",
-    )
+    if record is None:
+        raise InvalidRequestError(f"invalid {param}: {file_id} (no such file)", param=param)
+    if record.purpose != "fine-tune":
+        raise InvalidRequestError(
+            f"invalid {param}: {file_id} has purpose '{record.purpose}', expected 'fine-tune'", param=param
+        )
+    return record
 
 
 def create_job(session: Session, catalog: Catalog, org: Organization, params: JobCreateParams) -> Job:
@@ -59,25 +116,24 @@ def create_job(session: Session, catalog: Catalog, org: Organization, params: Jo
 
     The job starts in ``validating_files``; the caller enqueues its validation task after commit.
     """
-    if params.method is not None and params.method.type != "supervised":
-        raise InvalidRequestError(
-            f"method.type '{params.method.type}' is not supported yet; use 'supervised'.",
-            param="method.type",
-        )
+    _check_method(params)
     base = resolve_base_model(session, catalog, org, params.model)
     _check_training_file(session, org, params.training_file, "training_file")
     if params.validation_file:
         _check_training_file(session, org, params.validation_file, "validation_file")
 
-    hyper = params.requested_hyperparameters().model_dump()
+    hyper = servable_hyperparameters(catalog, base, params)  # 400 if the LoRA could not be served
+    check_hosted_model_limit(session, org)  # 400 hosted_model_limit_reached past the plan's limit
     job = Job(
         id=new_id("ftjob-"),
         org_id=org.id,
         model=base,
+        # Continued fine-tuning: the fine-tuned model or checkpoint to start from.
+        parent_model=None if catalog.get(params.model) is not None else params.model,
         training_file=params.training_file,
         validation_file=params.validation_file,
         status=JobStatus.VALIDATING_FILES.value,
-        method={"type": "supervised", "supervised": {"hyperparameters": hyper}},
+        method=_method_record(params, hyper),
         hyperparameters=hyper,
         suffix=params.suffix,
         seed=params.seed if params.seed is not None else secrets.randbelow(2**31),
@@ -149,5 +205,8 @@ def cancel_job(session: Session, org: Organization, job_id: str) -> Job:
             param="fine_tuning_job_id",
             code="job_not_cancellable",
         )
+    # A cancelled job keeps no checkpoint models; the worker (running job) or the reaper (paused
+    # one) removes their directories.
+    checkpoints.delete_all(session, job_id)
     session.refresh(job)
     return job

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from loraforge.db.models import Job, JobEvent
 from loraforge.ids import new_id, now
+from loraforge.webhooks import outbox
 
 
 class JobStatus(StrEnum):
@@ -70,29 +71,43 @@ def transition(
     message: str,
     *,
     level: str = "info",
+    expect: dict[str, Any] | None = None,
+    event_data: dict[str, Any] | None = None,
     **fields: Any,
 ) -> bool:
     """Move ``job_id`` to ``target`` if its current state allows it; record ``message``.
 
     Args:
+        expect: further column values the row must have for the change to happen, e.g.
+            ``{"worker_id": wid}`` so that only the lease holder moves a running job on.
+        event_data: the ``data`` of the event row.
         fields: other columns to set in the same UPDATE (``fine_tuned_model``, ``error``, …).
 
     Returns:
         True if this call made the change; False if the job was in a state that does not allow it
-        (e.g. it was cancelled meanwhile).
+        (e.g. it was cancelled meanwhile) or did not match ``expect``.
     """
     values: dict[str, Any] = {"status": target.value, **fields}
     if target in TERMINAL:
         values.setdefault("finished_at", now())
         values.setdefault("estimated_finish", None)
+    if target == JobStatus.QUEUED:
+        values.setdefault("queued_at", now())
+    if target != JobStatus.RUNNING:
+        # Only a running job holds a lease; anything else releases it.
+        values.setdefault("worker_id", None)
+    conditions = [Job.id == job_id, Job.status.in_(sources_of(target))]
+    for column, value in (expect or {}).items():
+        attr = getattr(Job, column)
+        conditions.append(attr.is_(None) if value is None else attr == value)
     result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status.in_(sources_of(target)))
-        .values(**values)
-        .execution_options(synchronize_session=False)
+        update(Job).where(*conditions).values(**values).execution_options(synchronize_session=False)
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False
-    add_event(session, job_id, message, level=level)
+    add_event(session, job_id, message, level=level, data=event_data)
+    if target in TERMINAL:
+        # Webhooks owed for this change commit (or roll back) with it: the outbox.
+        outbox.record_job_event(session, job_id, target.value, values["finished_at"])
     session.flush()
     return True

@@ -13,13 +13,9 @@ import logging
 import os
 import shutil
 import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from queue import Empty, Queue
-from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,20 +23,21 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.adapters import registry
 from loraforge.db.models import FileRecord, Job, Organization
 from loraforge.db.session import session_scope
+from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
+from loraforge.jobs import artefacts, datacheck, results
 from loraforge.jobs.naming import fine_tuned_model_name
+from loraforge.jobs.progress import RunProgress
 from loraforge.jobs.state import JobStatus, add_event, transition
-from loraforge.jobs.validation import check_training_file
+from loraforge.jobs.trainer_process import TrainerProcess
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 5.0
-TERMINATE_GRACE_SECONDS = 8.0
-
 
 def worker_id() -> str:
+    """This worker process's lease holder name: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -50,28 +47,24 @@ def _file_path(session: Session, blobs: BlobStore, file_id: str) -> Path:
 
 
 def validate_job(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> bool:
-    """``validating_files`` -> ``queued`` (True) or ``failed`` with the file's problem (False)."""
-    blobs = BlobStore(str(settings.blobs_dir))
-    with session_scope(sessions) as session:
-        job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
-        if job.status != JobStatus.VALIDATING_FILES:
-            return False
-        checks = [(job.training_file, "training_file")]
-        if job.validation_file:
-            checks.append((job.validation_file, "validation_file"))
-        for file_id, param in checks:
-            problem = check_training_file(_file_path(session, blobs, file_id), param)
-            if problem is not None:
-                transition(
-                    session,
-                    job_id,
-                    JobStatus.FAILED,
-                    f"The job failed: {problem.message}",
-                    level="error",
-                    error={"code": problem.code, "message": problem.message, "param": problem.param},
-                )
-                return False
-        return transition(session, job_id, JobStatus.QUEUED, "Files validated, moving job to queued state")
+    """``validating_files`` -> ``queued`` (True) or ``failed`` with the files' problem (False).
+
+    The full pre-flight against the job's base model (``jobs/datacheck.py``): every line checked,
+    tokens counted with the model's tokenizer and chat template, the format matched to the method.
+    """
+    return datacheck.validate_job_files(settings, sessions, job_id)
+
+
+_OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
+_SPEC_KNOBS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "max_seq_length",
+    "warmup_ratio",
+    "weight_decay",
+)
 
 
 def _write_spec(settings: Settings, session: Session, job: Job, run_dir: Path) -> Path:
@@ -86,9 +79,16 @@ def _write_spec(settings: Settings, session: Session, job: Job, run_dir: Path) -
         if job.validation_file
         else None,
         "output_dir": str(settings.adapters_dir / job.id),
-        "hyperparameters": dict(job.hyperparameters),
+        "hyperparameters": {k: v for k, v in job.hyperparameters.items() if k in _OPENAI_HYPERPARAMETERS},
         "seed": job.seed,
         "torch_threads": settings.torch_threads,
+        # Crash recovery and pause: the trainer checkpoints here and resumes from the newest one.
+        "checkpoint_dir": str(artefacts.checkpoint_dir(settings, job.id)),
+        "pause_file": str(run_dir / artefacts.PAUSE_FILE),
+        "eval_every": settings.eval_every_steps,
+        "init_adapter": _init_adapter(session, job),
+        # LoRA knobs and schedule are top-level TrainSpec fields (absent: the catalog's defaults).
+        **{k: job.hyperparameters[k] for k in _SPEC_KNOBS if job.hyperparameters.get(k) is not None},
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "spec.json"
@@ -96,141 +96,110 @@ def _write_spec(settings: Settings, session: Session, job: Job, run_dir: Path) -
     return path
 
 
-class _TrainerProcess:
-    """The trainer subprocess and a thread that turns its stdout into parsed JSON messages."""
+def _init_adapter(session: Session, job: Job) -> str | None:
+    """The adapter a continued fine-tuning job starts from (resolved now: it may have been deleted).
 
-    def __init__(self, cmd: list[str], log_path: Path) -> None:
-        self._log = log_path.open("ab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)
-        self.messages: Queue[dict[str, Any]] = Queue()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode("utf-8", "replace").strip()
-            if not line.startswith("{"):
-                continue
-            try:
-                self.messages.put(json.loads(line))
-            except ValueError:
-                log.warning("unparsable trainer line: %s", line[:200])
-
-    def next_message(self, timeout: float) -> dict[str, Any] | None:
-        try:
-            return self.messages.get(timeout=timeout)
-        except Empty:
-            return None
-
-    def finished(self) -> bool:
-        return self.proc.poll() is not None and not self._reader.is_alive() and self.messages.empty()
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after a grace period; frees the accelerator with the process."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(TERMINATE_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def close(self) -> None:
-        self._reader.join(timeout=5)
-        self._log.close()
+    Raises:
+        ModelNotFoundError: the parent model or checkpoint no longer exists.
+    """
+    if not job.parent_model:
+        return None
+    org = session.execute(select(Organization).where(Organization.id == job.org_id)).scalar_one()
+    return registry.resolve(session, org, job.parent_model).adapter_path
 
 
-class _Run:
-    """One training run of a job: reacts to the trainer's messages."""
-
-    def __init__(self, sessions: sessionmaker[Session], job_id: str) -> None:
-        self.sessions = sessions
-        self.job_id = job_id
-        self.started = time.monotonic()
-        self.total_steps = 0
-        self.done: dict[str, Any] | None = None
-        self.error: dict[str, Any] | None = None
-
-    def handle(self, msg: dict[str, Any]) -> None:
-        kind = msg.get("type")
-        if kind == "hyperparameters":
-            self._on_hyperparameters(msg)
-        elif kind == "metrics":
-            self._on_metrics(msg)
-        elif kind == "done":
-            self.done = msg
-        elif kind == "error":
-            self.error = msg
-
-    def _on_hyperparameters(self, msg: dict[str, Any]) -> None:
-        self.total_steps = int(msg.get("total_steps", 0))
-        resolved = {k: msg[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
-        with session_scope(self.sessions) as session:
-            job = session.execute(select(Job).where(Job.id == self.job_id)).scalar_one()
-            job.hyperparameters = resolved
-            job.method = {"type": "supervised", "supervised": {"hyperparameters": resolved}}
-            add_event(
-                session,
-                self.job_id,
-                "Hyperparameters: "
-                + ", ".join(f"{k}={v}" for k, v in resolved.items())
-                + f" ({self.total_steps} steps)",
-            )
-
-    def _on_metrics(self, msg: dict[str, Any]) -> None:
-        data = {k: v for k, v in msg.items() if k not in ("type", "epoch")}
-        step, total = int(msg["step"]), int(msg.get("total_steps") or self.total_steps)
-        text = f"Step {step}/{total}: training loss={msg.get('train_loss', float('nan')):.4f}"
-        if "valid_loss" in msg:
-            text += f", validation loss={msg['valid_loss']:.4f}"
-        per_step = (time.monotonic() - self.started) / max(step, 1)
-        with session_scope(self.sessions) as session:
-            add_event(session, self.job_id, text, type="metrics", data=data)
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value)
-                .values(estimated_finish=now() + int(per_step * max(total - step, 0)))
-            )
+_OURS, _PAUSE, _LOST = "ours", "pause", "lost"
 
 
-def _still_ours(sessions: sessionmaker[Session], job_id: str, wid: str, beat: bool) -> bool:
-    """Is the job still running under this worker? Optionally renew the heartbeat."""
+def _poll(sessions: sessionmaker[Session], job_id: str, wid: str, beat: bool) -> str:
+    """Is the job still running under this worker's lease, and is a pause asked for?
+
+    Optionally renews the lease (heartbeat). ``_LOST`` means cancelled, or re-queued by a reaper
+    because this worker's heartbeat lapsed: either way the trainer must stop now.
+    """
     with session_scope(sessions) as session:
         if beat:
-            result = session.execute(
+            session.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value, Job.worker_id == wid)
                 .values(heartbeat_at=now())
             )
-            return bool(result.rowcount)  # type: ignore[attr-defined]
-        status, owner = session.execute(select(Job.status, Job.worker_id).where(Job.id == job_id)).one()
-        return bool(status == JobStatus.RUNNING.value and owner == wid)
+        status, owner, pause = session.execute(
+            select(Job.status, Job.worker_id, Job.pause_requested).where(Job.id == job_id)
+        ).one()
+    if status != JobStatus.RUNNING.value or owner != wid:
+        return _LOST
+    return _PAUSE if pause else _OURS
 
 
-def run_training(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
-    """``queued`` -> ``running`` -> ``succeeded`` | ``failed``; stops the trainer if cancelled."""
-    wid = worker_id()
-    run_dir = settings.runs_dir / job_id
+def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid: str) -> Path | None:
+    """Take the job's lease (``queued`` -> ``running``) and write its spec; None if not ours to run."""
+    folder = artefacts.run_dir(settings, job_id)
     with session_scope(sessions) as session:
+        job = session.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
+        if job is None or job.status != JobStatus.QUEUED.value:
+            return None  # cancelled, paused, or another worker has it (a duplicate message)
+        org = session.execute(select(Organization).where(Organization.id == job.org_id)).scalar_one()
         stamp = now()
         if not transition(
             session,
             job_id,
             JobStatus.RUNNING,
             "Fine-tuning job started",
+            event_data={"worker_id": wid},
             worker_id=wid,
-            started_at=stamp,
+            started_at=job.started_at or stamp,
             heartbeat_at=stamp,
+            pause_requested=False,
+            reserved_model=job.reserved_model or fine_tuned_model_name(job.model, org.name, job.suffix),
         ):
-            return  # cancelled, or another worker has it
+            return None
+    (folder / artefacts.PAUSE_FILE).unlink(missing_ok=True)
+    with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
-        spec_path = _write_spec(settings, session, job, run_dir)
+        try:
+            return _write_spec(settings, session, job, folder)
+        except Exception as exc:  # noqa: BLE001 - any reason the run cannot start fails the job
+            log.exception("job %s: could not prepare the run", job_id)
+            error: dict[str, str | None]
+            if isinstance(exc, ModelNotFoundError):
+                error = {"code": "model_not_found", "message": exc.message, "param": "model"}
+            else:
+                error = {
+                    "code": "training_error",
+                    "message": f"Could not start training: {exc}",
+                    "param": None,
+                }
+            session.rollback()
+            transition(
+                session,
+                job_id,
+                JobStatus.FAILED,
+                f"The job failed: {error['message']}",
+                level="error",
+                expect={"worker_id": wid},
+                error=error,
+            )
+            return None
 
+
+def run_training(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
+    """``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``paused``.
+
+    Polls the database every ``cancel_poll_seconds``: renews the lease every
+    ``heartbeat_seconds``, stops the trainer when the job was cancelled or taken over, and asks it
+    for a pause checkpoint when a pause was requested. A job that was running before (crash,
+    pause) continues from its newest checkpoint: the trainer finds it in the checkpoint directory.
+    """
+    wid = worker_id()
+    spec_path = _start(settings, sessions, job_id, wid)
+    if spec_path is None:
+        return
+    folder = artefacts.run_dir(settings, job_id)
     cmd = [settings.trainer_python or sys.executable, "-m", "loraforge.trainer", str(spec_path)]
-    trainer = _TrainerProcess(cmd, run_dir / "trainer.log")
-    run = _Run(sessions, job_id)
+    trainer = TrainerProcess(cmd, folder / "trainer.log", folder / artefacts.PAUSE_FILE)
+    run = RunProgress(settings, sessions, job_id)
+    pause_deadline: float | None = None
     last_check = last_beat = time.monotonic()
     try:
         while not trainer.finished():
@@ -238,68 +207,147 @@ def run_training(settings: Settings, sessions: sessionmaker[Session], job_id: st
             if msg is not None:
                 run.handle(msg)
             clock = time.monotonic()
-            if clock - last_check >= settings.cancel_poll_seconds:
-                beat = clock - last_beat >= HEARTBEAT_SECONDS
-                if not _still_ours(sessions, job_id, wid, beat):
-                    trainer.stop()
-                    shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
-                    log.info("job %s is no longer running here; trainer stopped", job_id)
-                    return
-                last_check, last_beat = clock, (clock if beat else last_beat)
+            if clock - last_check < settings.cancel_poll_seconds:
+                continue
+            beat = clock - last_beat >= settings.heartbeat_seconds
+            state = _poll(sessions, job_id, wid, beat)
+            last_check, last_beat = clock, (clock if beat else last_beat)
+            if state == _LOST:
+                trainer.stop()
+                _abandon(settings, sessions, job_id)
+                return
+            if state == _PAUSE and pause_deadline is None:
+                trainer.request_pause()
+                pause_deadline = clock + settings.pause_timeout_seconds
+            elif pause_deadline is not None and clock > pause_deadline:
+                log.warning(
+                    "job %s: no pause checkpoint after %ss; stopping", job_id, settings.pause_timeout_seconds
+                )
+                trainer.stop()
     finally:
         trainer.stop()
         trainer.close()
-    _finish(settings, sessions, job_id, run, trainer.proc.returncode, run_dir)
+    if run.done is None and run.error is None and (run.paused is not None or pause_deadline is not None):
+        _pause(settings, sessions, job_id, wid, run)
+        return
+    try:
+        _finish(settings, sessions, job_id, wid, run, trainer.proc.returncode)
+    except Exception as exc:  # noqa: BLE001 - a job must end somewhere, not stay "running"
+        log.exception("job %s: recording the outcome failed", job_id)
+        run.done, run.error = (
+            None,
+            {"code": "training_error", "message": f"Recording the result failed: {exc}"},
+        )
+        _fail(settings, sessions, job_id, wid, run, trainer.proc.returncode)
+
+
+def _abandon(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
+    """The job left this worker: a cancelled one loses its files; a re-queued one keeps them."""
+    with session_scope(sessions) as session:
+        status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
+    if status == JobStatus.CANCELLED.value:
+        artefacts.remove_job_artefacts(settings, sessions, job_id)
+        log.info("job %s was cancelled; trainer stopped and its files removed", job_id)
+    else:
+        log.warning("job %s is no longer this worker's (%s); trainer stopped", job_id, status)
+
+
+def _pause(
+    settings: Settings, sessions: sessionmaker[Session], job_id: str, wid: str, run: RunProgress
+) -> None:
+    step = (run.paused or {}).get("step")
+    where = f" at step {step}/{run.total_steps}" if step is not None else ""
+    with session_scope(sessions) as session:
+        ok = transition(
+            session,
+            job_id,
+            JobStatus.PAUSED,
+            f"Fine-tuning job paused{where}; resume continues from its last checkpoint",
+            expect={"worker_id": wid},
+            event_data={"step": step},
+            pause_requested=False,
+            estimated_finish=None,
+        )
+    if not ok:
+        _abandon(settings, sessions, job_id)
+
+
+def _fail(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    job_id: str,
+    wid: str,
+    run: RunProgress,
+    returncode: int,
+) -> None:
+    error = run.error or {
+        "code": "training_error",
+        "message": f"The trainer exited with code {returncode} before finishing.",
+        "param": None,
+    }
+    error = {"code": error.get("code"), "message": error.get("message"), "param": error.get("param")}
+    with session_scope(sessions) as session:
+        ok = transition(
+            session,
+            job_id,
+            JobStatus.FAILED,
+            f"The job failed: {error['message']}",
+            level="error",
+            expect={"worker_id": wid},
+            error=error,
+        )
+    if ok:
+        shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
+    else:
+        _abandon(settings, sessions, job_id)
 
 
 def _finish(
     settings: Settings,
     sessions: sessionmaker[Session],
     job_id: str,
-    run: _Run,
+    wid: str,
+    run: RunProgress,
     returncode: int,
-    run_dir: Path,
 ) -> None:
+    """Record how the trainer ended: register the adapter and the results file, or fail the job."""
     if run.done is None or returncode != 0:
-        error = run.error or {
-            "code": "training_error",
-            "message": f"The trainer exited with code {returncode} before finishing.",
-            "param": None,
-        }
-        error = {"code": error.get("code"), "message": error.get("message"), "param": error.get("param")}
-        with session_scope(sessions) as session:
-            transition(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                f"The job failed: {error['message']}",
-                level="error",
-                error=error,
-            )
-        shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
+        _fail(settings, sessions, job_id, wid, run, returncode)
         return
-
+    if _poll(sessions, job_id, wid, beat=True) == _LOST:  # renew the lease for the last stretch
+        _abandon(settings, sessions, job_id)
+        return
+    blobs = BlobStore(str(settings.blobs_dir))
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
-        org = session.execute(select(Organization).where(Organization.id == job.org_id)).scalar_one()
-        name = fine_tuned_model_name(job.model, org.name, job.suffix)
+        name = job.reserved_model or ""
+        # A run killed between registering and succeeding left its registration: replace it.
+        registry.delete_fine_tuned_model_by_name(session, name)
         model = registry.register(
-            session, name=name, org_id=org.id, job_id=job_id, adapter_dir=Path(run.done["adapter_dir"])
+            session, name=name, org_id=job.org_id, job_id=job_id, adapter_dir=Path(run.done["adapter_dir"])
         )
     registry.load_into_engines(settings, model)
+    record = None
     with session_scope(sessions) as session:
+        job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
+        record = results.store_results(session, blobs, job)
         add_event(session, job_id, f"New fine-tuned model created: {name}")
         ok = transition(
             session,
             job_id,
             JobStatus.SUCCEEDED,
             "The job has successfully completed",
+            expect={"worker_id": wid},
             fine_tuned_model=name,
             trained_tokens=int(run.done.get("trained_tokens", 0)),
+            result_files=[record.id],
         )
-        if not ok:  # cancelled at the last moment: the adapter must not stay registered
+        if not ok:  # cancelled (or taken over) at the last moment: nothing of this run may stay
             session.rollback()
+            results.discard_results(blobs, record)
             registry.delete_fine_tuned_model_by_name(session, name)
-    if not ok:
+    if ok:
+        artefacts.strip_training_state(settings, job_id)
+    else:
         registry.unload_from_engines(settings, model)
-        shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
+        _abandon(settings, sessions, job_id)

@@ -14,3 +14,11 @@ class CeleryDispatcher:
 
     def validate_job(self, job_id: str) -> None:
         self._app.send_task("loraforge.validate_job", args=[job_id])
+
+    def validate_file(self, file_id: str) -> None:
+        """Queue the pre-flight validation of an uploaded fine-tune file."""
+        self._app.send_task("loraforge.validate_file", args=[file_id])
+
+    def train_job(self, job_id: str) -> None:
+        """Queue the training task of a resumed (paused -> queued) job."""
+        self._app.send_task("loraforge.train_job", args=[job_id])

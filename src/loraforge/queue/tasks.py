@@ -5,11 +5,15 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import shared_task
+from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.jobs import worker
+from loraforge.jobs import datacheck, worker
+from loraforge.jobs.reaper import Reaper
 from loraforge.settings import get_settings
+from loraforge.webhooks import delivery
+from loraforge.webhooks.sweeper import Sweeper
 
 
 @lru_cache
@@ -24,7 +28,33 @@ def validate_job_task(job_id: str) -> None:
         train_job_task.delay(job_id)
 
 
+@shared_task(name="loraforge.validate_file", acks_late=True)
+def validate_file_task(file_id: str) -> None:
+    """Pre-flight an uploaded fine-tune file: ``uploaded`` -> ``processed`` | ``error``."""
+    datacheck.validate_file_record(get_settings(), _sessions(), file_id)
+
+
 @shared_task(name="loraforge.train_job", acks_late=True)
 def train_job_task(job_id: str) -> None:
     """Run the trainer subprocess for a queued job and record the outcome."""
     worker.run_training(get_settings(), _sessions(), job_id)
+
+
+@shared_task(name="loraforge.deliver_webhook", acks_late=True)
+def deliver_webhook_task(delivery_id: str) -> None:
+    """One signed attempt of a webhook delivery; a failure schedules the next one in the database."""
+    delivery.deliver(get_settings(), _sessions(), delivery_id)
+
+
+@worker_ready.connect
+def _start_webhook_sweeper(**_: object) -> None:
+    """Each worker process hands due webhook deliveries to ``deliver_webhook_task`` (see
+    ``loraforge.webhooks.sweeper`` for why a poller)."""
+    Sweeper(get_settings(), _sessions(), send=deliver_webhook_task.delay).start()
+
+
+@worker_ready.connect
+def _start_reaper(**_: object) -> None:
+    """Each worker process reconciles jobs once at start, then re-queues stale ones periodically
+    (``loraforge.jobs.reaper``: a SIGKILLed worker's tasks are never redelivered by Celery)."""
+    Reaper(get_settings(), _sessions(), train=train_job_task.delay, validate=validate_job_task.delay).start()

@@ -13,6 +13,7 @@ loads no torch: the engine is built by the factory at startup (lifespan).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -79,6 +80,7 @@ class ServingEngine(Protocol):
         stop: str | Sequence[str] | None = ...,
     ) -> GenerationRequest: ...
     def run(self, request: GenerationRequest) -> GenerationResult: ...
+    def run_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
     def run_stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Any: ...  # Iterator[str | GenerationResult]
@@ -152,9 +154,14 @@ async def retrieve_model(model: str, engine: EngineDep) -> dict[str, Any]:
 
 @router.post("/chat/completions")
 async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep) -> Response:
-    """OpenAI chat completions; Server-Sent Events when ``stream`` is true."""
-    if body.n is not None and body.n > 1:
-        raise InvalidRequest("n > 1 is not supported by this engine; send n=1 or leave it out.", param="n")
+    """OpenAI chat completions; Server-Sent Events when ``stream`` is true.
+
+    ``n > 1`` is served as ``n`` rows of one batch (seeded: choice ``i`` uses ``seed + i``), for
+    non-streaming requests; streaming ``n > 1`` is refused with a 400.
+    """
+    n = body.n or 1
+    if n > 1 and body.stream:
+        raise InvalidRequest("n > 1 is not supported with stream=true; send n=1 or stream=false.", param="n")
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported by this engine.", param="logprobs")
     request = await run_in_threadpool(
@@ -172,16 +179,20 @@ async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         events = _sse_events(engine, request, body, cid, created)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    result = await run_in_threadpool(engine.run, request)
+    if n == 1:
+        results = [await run_in_threadpool(engine.run, request)]
+    else:
+        seeds = [None if request.seed is None else request.seed + i for i in range(n)]
+        copies = [dataclasses.replace(request, seed=seed) for seed in seeds]
+        results = await run_in_threadpool(engine.run_many, copies)
     return JSONResponse(
         chat_completion(
             cid=cid,
             created=created,
             model=body.model,
-            text=result.text,
-            finish_reason=result.finish_reason,
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
+            choices=[(r.text, r.finish_reason) for r in results],
+            prompt_tokens=results[0].prompt_tokens,
+            completion_tokens=sum(r.completion_tokens for r in results),
         )
     )
 
@@ -233,8 +244,16 @@ async def _sse_events(
 
 @health_router.get("/health")
 async def health(engine: EngineDep) -> dict[str, Any]:
-    """Liveness plus what is loaded."""
-    return {"status": "ok", "base_model": engine.base_model, "adapters": engine.loaded_adapters()}
+    """Liveness, what is loaded, and batching counters (``stats``) when the engine keeps them."""
+    body: dict[str, Any] = {
+        "status": "ok",
+        "base_model": engine.base_model,
+        "adapters": engine.loaded_adapters(),
+    }
+    stats = getattr(engine, "stats", None)
+    if callable(stats):
+        body["stats"] = stats()
+    return body
 
 
 # ------------------------------------------------------------------------------------- errors
@@ -312,6 +331,9 @@ def create_engine_app(
             app.state.engine = await run_in_threadpool(factory)
             logger.info("engine ready: %s", app.state.engine.base_model)
         yield
+        close = getattr(app.state.engine, "close", None)
+        if factory is not None and callable(close):  # an engine we built: stop its batching thread
+            await run_in_threadpool(close)
 
     app = FastAPI(title=title, lifespan=lifespan)
     app.state.engine = engine
@@ -332,6 +354,8 @@ def run_engine(
     port: int | None = None,
     *,
     max_loaded_adapters: int = 16,
+    max_batch_size: int = 8,
+    batch_window_ms: float = 5.0,
     api_key: str | None = None,
     log_level: str = "info",
 ) -> None:
@@ -343,6 +367,8 @@ def run_engine(
         host: bind address; default ``settings.engine_host``.
         port: port; default ``settings.engine_port``.
         max_loaded_adapters: LRU capacity of hot-loaded adapters.
+        max_batch_size: most concurrent requests per ``generate`` call.
+        batch_window_ms: how long a batch waits for more requests to join.
         api_key: optional bearer key required on ``/v1`` routes.
         log_level: uvicorn log level.
 
@@ -359,7 +385,13 @@ def run_engine(
     def factory() -> ServingEngine:
         from loraforge.serving.engine import load_engine
 
-        return load_engine(settings, base_model, max_loaded_adapters=max_loaded_adapters)
+        return load_engine(
+            settings,
+            base_model,
+            max_loaded_adapters=max_loaded_adapters,
+            max_batch_size=max_batch_size,
+            batch_window_s=batch_window_ms / 1000,
+        )
 
     app = create_engine_app(factory, api_key=api_key)
     uvicorn.run(

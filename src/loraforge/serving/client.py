@@ -51,8 +51,10 @@ class EngineRequestError(Exception):
 
     @property
     def model_not_found(self) -> bool:
-        """True when the request named a model the engine has not loaded."""
-        return self.status_code == 404 and self.code == "model_not_found"
+        """True when the request named a model the engine has not loaded (ours or vLLM's wording)."""
+        return self.status_code == 404 and (
+            self.code == "model_not_found" or "does not exist" in self.message
+        )
 
 
 def _json_body(response: httpx.Response) -> dict[str, Any]:

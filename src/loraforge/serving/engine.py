@@ -1,31 +1,34 @@
-"""The serving engine: one base model, many hot-loaded PEFT LoRA adapters, chat generation.
+"""The serving engine: one base model, many hot-loaded PEFT LoRA adapters, batched chat generation.
 
 Pure Python + torch, no HTTP. The adapter lifecycle copies vLLM's (STYLE.md P11): a lock per
 adapter name around load/unload, an LRU of at most ``max_loaded_adapters``, and typed errors.
 Each adapter is served with the chat template and stop tokens of ITS manifest, so it sees prompts
 exactly as it was trained; the base model uses the catalog entry's.
+
+Concurrent requests are coalesced by a :class:`~loraforge.serving.batching.BatchScheduler` into
+one ``generate`` call per batch: rows for different adapters and for the base model share it
+through PEFT's ``adapter_names`` (FACTS_CPU.md §4); streaming requests join batches like the rest.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import queue
 import threading
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft import PeftModel
-from transformers import StoppingCriteriaList
-from transformers.generation.streamers import BaseStreamer
 
 from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
-from loraforge.serving.chat import find_stop, normalize_messages
+from loraforge.serving.batching import BatchScheduler, Pending
+from loraforge.serving.chat import normalize_messages
 from loraforge.serving.errors import (
     AdapterConflict,
     AdapterNotLoaded,
@@ -34,24 +37,24 @@ from loraforge.serving.errors import (
     UnknownBaseModel,
 )
 from loraforge.serving.generation import (
+    BASE_ROW,
     GenerationRequest,
     GenerationResult,
-    QueueStreamer,
-    StopCriteria,
-    finish,
-    generation_config,
+    generate_rows,
+    stream_text,
 )
 from loraforge.serving.lora import LoadedAdapter, read_adapter, split_stop_tokens
-from loraforge.settings import Settings
+
+if TYPE_CHECKING:  # the benchmark runs the engine where pydantic-settings is not installed
+    from loraforge.settings import Settings
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "LoadedAdapter", "load_engine"]
 
 logger = logging.getLogger(__name__)
-_END = object()
 
 
 class Engine:
-    """A base model plus an LRU of hot-loaded LoRA adapters; thread-safe, one generation at a time.
+    """A base model plus an LRU of hot-loaded LoRA adapters; thread-safe, batched generation.
 
     Args:
         model: the base ``PreTrainedModel`` (not yet wrapped by PEFT).
@@ -59,6 +62,8 @@ class Engine:
         entry: the base model's catalog entry (id, aliases, template, stop tokens, context length).
         max_loaded_adapters: LRU capacity; loading one more evicts the least recently used.
         default_max_tokens: completion budget when a request gives none (capped by the context).
+        max_batch_size: most requests in one ``generate`` call.
+        batch_window_s: how long the first request of a batch waits for others to join.
     """
 
     def __init__(
@@ -69,6 +74,8 @@ class Engine:
         *,
         max_loaded_adapters: int = 16,
         default_max_tokens: int = 256,
+        max_batch_size: int = 8,
+        batch_window_s: float = 0.005,
     ) -> None:
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be >= 1")
@@ -78,6 +85,9 @@ class Engine:
         self._model = model.eval()
         self._device = next(model.parameters()).device
         self._tokenizer = tokenizer
+        self._pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
         self._peft = False  # becomes True when the first adapter wraps the base in a PeftModel
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
         self._model_lock = threading.RLock()  # held for every generate and every PEFT mutation
@@ -86,6 +96,9 @@ class Engine:
         self._name_locks: dict[str, threading.Lock] = {}
         self._name_locks_guard = threading.Lock()
         self._base_eos, self._base_stop = split_stop_tokens(tokenizer.get_vocab(), entry.stop_tokens)
+        self.scheduler = BatchScheduler(
+            self._run_batch, max_batch_size=max_batch_size, window_s=batch_window_s
+        )
 
     # ----------------------------------------------------------------------------- registry
     @property
@@ -113,6 +126,20 @@ class Engine:
         with self._registry_lock:
             return name in self.base_names or name in self._adapters
 
+    def stats(self) -> dict[str, int]:
+        """Batching counters since start: batches run, requests (rows) served, largest batch."""
+        sched = self.scheduler
+        return {
+            "batches": sched.batches_run,
+            "requests": sched.rows_run,
+            "largest_batch": sched.largest_batch,
+        }
+
+    def lora_parameter_names(self) -> list[str]:
+        """Names of the LoRA parameters in the model now (tests: unload really removes them)."""
+        with self._model_lock:
+            return [n for n, _ in self._model.named_parameters() if ".lora_" in n]
+
     def load_adapter(self, name: str, path: str | Path) -> bool:
         """Hot-load the adapter in ``path`` under ``name``; a no-op if already loaded from there.
 
@@ -126,7 +153,7 @@ class Engine:
         Raises:
             AdapterConflict: ``name`` is the base model's, or is loaded from another path.
             AdapterNotFound: ``path`` is not a directory.
-            InvalidAdapter: the directory breaks the adapter contract or PEFT refused it.
+            InvalidAdapter: the directory breaks the adapter contract, the serving limits, or PEFT refused it.
             BaseModelMismatch: the manifest's base model is not this engine's.
         """
         path = Path(path).expanduser().resolve()
@@ -153,7 +180,7 @@ class Engine:
             return True
 
     def unload_adapter(self, name: str) -> None:
-        """Remove a loaded adapter.
+        """Remove a loaded adapter and free its weights.
 
         Raises:
             AdapterNotLoaded: no adapter of that name is loaded (``param`` is ``lora_name``).
@@ -164,32 +191,37 @@ class Engine:
             self._detach(name)
         logger.info("unloaded adapter %s", name)
 
+    def close(self) -> None:
+        """Stop the batching thread (queued requests fail)."""
+        self.scheduler.close()
+
     def _name_lock(self, name: str) -> threading.Lock:
         with self._name_locks_guard:
             return self._name_locks.setdefault(name, threading.Lock())
 
     def _attach(self, adapter: LoadedAdapter) -> None:
         """Add ``adapter`` to the model; caller holds the model lock."""
+        key = adapter.peft_name
         try:
             if not self._peft:
                 self._model = PeftModel.from_pretrained(
-                    self._model, str(adapter.path), adapter_name=adapter.name, is_trainable=False
+                    self._model, str(adapter.path), adapter_name=key, is_trainable=False
                 ).eval()
                 self._peft = True
             else:
-                self._model.load_adapter(str(adapter.path), adapter_name=adapter.name, is_trainable=False)
+                self._model.load_adapter(str(adapter.path), adapter_name=key, is_trainable=False)
         except Exception as exc:
-            if self._peft and adapter.name in getattr(self._model, "peft_config", {}):
-                self._model.delete_adapter(adapter.name)
+            if self._peft and key in getattr(self._model, "peft_config", {}):
+                self._model.delete_adapter(key)
             raise InvalidAdapter(f"PEFT could not load the adapter: {exc}") from exc
         with self._registry_lock:
             self._adapters[adapter.name] = adapter
 
     def _detach(self, name: str) -> None:
-        """Remove ``name`` from the model; caller holds the model lock."""
+        """Remove ``name`` from the model and release its memory; caller holds the model lock."""
         with self._registry_lock:
             last = len(self._adapters) == 1
-            del self._adapters[name]
+            adapter = self._adapters.pop(name)
         if last:
             # PEFT breaks when its last adapter is deleted: strip the LoRA layers instead.
             self._model = self._model.unload().eval()
@@ -197,7 +229,12 @@ class Engine:
         else:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "deleted the active adapter, switching to ..."
-                self._model.delete_adapter(name)
+                self._model.delete_adapter(adapter.peft_name)
+        # The LoRA tensors are unreachable now; collect them (and hand CUDA blocks back) at once
+        # instead of whenever the allocator or the cycle collector gets to it.
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # --------------------------------------------------------------------------- generation
     def prepare(
@@ -271,97 +308,59 @@ class Engine:
         return self.run_stream(self.prepare(model_name, messages, **kwargs))
 
     def run(self, request: GenerationRequest) -> GenerationResult:
-        """Generate for a prepared request (blocking)."""
-        ids = self._generate_ids(request)
-        return finish(request, ids, self._decode(ids))
+        """Generate for a prepared request (blocking; batched with concurrent requests)."""
+        pending = self.scheduler.submit(Pending(request, request.batch_key()))
+        result: GenerationResult = pending.result.result()
+        return result
+
+    def run_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Submit several prepared requests at once and wait for all (they may share batches)."""
+        rows = [self.scheduler.submit(Pending(r, r.batch_key())) for r in requests]
+        return [row.result.result() for row in rows]
 
     def run_stream(
         self, request: GenerationRequest, cancel: threading.Event | None = None
     ) -> Iterator[str | GenerationResult]:
-        """Generate in a background thread; yield text deltas, then the :class:`GenerationResult`.
+        """Queue ``request`` for a batch; yield text deltas, then the :class:`GenerationResult`.
 
         Text that could still turn into a stop string is held back. Setting ``cancel`` (or closing
-        the iterator) stops generation at the next token.
+        the iterator) stops this request at its next token; its batch mates carry on.
         """
-        cancel = cancel or threading.Event()
-        tokens: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        box: dict[str, Any] = {}
+        row = Pending(
+            request, request.batch_key(), sink=queue.SimpleQueue(), cancel=cancel or threading.Event()
+        )
+        self.scheduler.submit(row)
+        return stream_text(row, self._decode)
 
-        def target() -> None:
-            try:
-                box["ids"] = self._generate_ids(request, streamer=QueueStreamer(tokens), cancel=cancel)
-            except BaseException as exc:  # re-raised in the consumer
-                box["error"] = exc
-            finally:
-                tokens.put(_END)
-
-        threading.Thread(target=target, name="loraforge-generate", daemon=True).start()
-        holdback = max((len(s) for s in request.stop), default=1) - 1
-        ids: list[int] = []
-        emitted = ""
-        try:
-            while (item := tokens.get()) is not _END:  # _END comes once the generate thread is done
-                if cancel.is_set():
-                    continue
-                ids.extend(item)
-                text = self._decode(ids)
-                cut = find_stop(text, request.stop)
-                safe = cut if cut is not None else len(text.rstrip("\ufffd")) - holdback
-                if safe > len(emitted) and text.startswith(emitted):
-                    delta = text[len(emitted) : safe]
-                    emitted += delta
-                    yield delta
-                if cut is not None:
-                    cancel.set()  # stops generate at the next token
-            if "error" in box:
-                raise box["error"]
-            result = finish(request, box["ids"], self._decode(box["ids"]))
-            if result.text.startswith(emitted) and len(result.text) > len(emitted):
-                yield result.text[len(emitted) :]
-            yield result
-        finally:
-            cancel.set()
-
-    def _generate_ids(
-        self,
-        request: GenerationRequest,
-        *,
-        streamer: BaseStreamer | None = None,
-        cancel: threading.Event | None = None,
-    ) -> list[int]:
-        config = generation_config(request, self._tokenizer.pad_token_id)
-        prompt_len = len(request.input_ids)
-        criteria = StoppingCriteriaList([StopCriteria(self._decode, prompt_len, request.stop, cancel)])
-        input_ids = torch.tensor([request.input_ids], device=self._device)
-        with self._model_lock, self._activate(request) as model, torch.inference_mode():
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=config,
-                stopping_criteria=criteria,
-                streamer=streamer,
+    def _run_batch(self, rows: Sequence[Pending]) -> None:
+        """Generate for one batch on the scheduler thread and resolve every row."""
+        with self._model_lock:
+            live: list[Pending] = []
+            keys: list[str] = []
+            with self._registry_lock:
+                for row in rows:
+                    name = row.request.adapter
+                    adapter = None if name is None else self._adapters.get(name)
+                    if name is not None and adapter is None:  # evicted or unloaded since prepare()
+                        row.fail(AdapterNotLoaded(row.request.model))
+                        continue
+                    if adapter is not None:
+                        self._adapters.move_to_end(adapter.name)
+                    live.append(row)
+                    keys.append(BASE_ROW if adapter is None else adapter.peft_name)
+            if not live:
+                return
+            stopper = generate_rows(
+                self._model,
+                live,
+                keys,
+                peft=self._peft,
+                pad_token_id=self._pad_id,
+                device=self._device,
+                decode=self._decode,
             )
-        return [int(i) for i in output[0, prompt_len:].tolist()]
-
-    @contextmanager
-    def _activate(self, request: GenerationRequest) -> Iterator[Any]:
-        """Yield the model with the request's adapter active; caller holds the model lock."""
-        if request.adapter is None:
-            if self._peft:
-                with self._model.disable_adapter():
-                    yield self._model
-            else:
-                yield self._model
-            return
-        with self._registry_lock:
-            if request.adapter not in self._adapters:  # evicted since prepare()
-                raise AdapterNotLoaded(request.model)
-            self._adapters.move_to_end(request.adapter)
-        if self._model.active_adapter != request.adapter:
-            self._model.set_adapter(request.adapter)
-        yield self._model
+        for i in range(len(live)):  # rows resolve as they finish; this catches any left over
+            stopper.resolve(i)
 
     def _decode(self, ids: Sequence[int]) -> str:
         with self._tokenizer_lock:
@@ -369,7 +368,13 @@ class Engine:
 
 
 def load_engine(
-    settings: Settings, base_model: str, *, device: str | None = None, max_loaded_adapters: int = 16
+    settings: Settings,
+    base_model: str,
+    *,
+    device: str | None = None,
+    max_loaded_adapters: int = 16,
+    max_batch_size: int = 8,
+    batch_window_s: float = 0.005,
 ) -> Engine:
     """Build an :class:`Engine` for ``base_model`` (a catalog id or alias) from ``settings``.
 
@@ -378,6 +383,8 @@ def load_engine(
         base_model: catalog id or alias.
         device: torch device; default ``cuda`` when available, else ``cpu``.
         max_loaded_adapters: LRU capacity.
+        max_batch_size: most requests per ``generate`` call.
+        batch_window_s: how long a batch waits for company.
 
     Raises:
         UnknownBaseModel: the catalog has no such model.
@@ -390,4 +397,11 @@ def load_engine(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(entry, settings.models_dir)
     model = load_model(entry, settings.models_dir, device=device)
-    return Engine(model, tokenizer, entry, max_loaded_adapters=max_loaded_adapters)
+    return Engine(
+        model,
+        tokenizer,
+        entry,
+        max_loaded_adapters=max_loaded_adapters,
+        max_batch_size=max_batch_size,
+        batch_window_s=batch_window_s,
+    )

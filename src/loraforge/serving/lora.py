@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraforge.adapters.export import serving_problems
 from loraforge.adapters.format import (
     ADAPTER_CONFIG,
     AdapterManifest,
@@ -24,11 +26,21 @@ class LoadedAdapter:
 
     name: str
     path: Path
+    peft_name: str  # the adapter's key inside PEFT (public names may hold '.', which PEFT refuses)
     manifest: AdapterManifest
     chat_template: str
     eos_ids: tuple[int, ...]
     stop_strings: tuple[str, ...]
     loaded_at: int
+
+
+def peft_adapter_name(name: str) -> str:
+    """A PEFT-safe, stable adapter key for the public model ``name``.
+
+    PEFT stores adapters in ``nn.ModuleDict``s, whose keys cannot contain ``.``; public names such
+    as ``ft:klusterai/Meta-Llama-3.1-8B-Instruct-Turbo:org::abcd1234`` do.
+    """
+    return "lf_" + hashlib.sha256(name.encode()).hexdigest()[:20]
 
 
 def split_stop_tokens(
@@ -66,7 +78,8 @@ def read_adapter(name: str, path: Path, entry: BaseModelEntry, vocab: Mapping[st
 
     Raises:
         AdapterNotFound: ``path`` is not a directory.
-        InvalidAdapter: missing files, bad manifest, not LoRA, or rank over ``max_lora_rank``.
+        InvalidAdapter: missing files, bad manifest, or beyond the base's serving limits (rank,
+            target modules, DoRA, modules_to_save: ``catalog.ServingTarget``).
         BaseModelMismatch: the manifest names another base model.
     """
     if not path.is_dir():
@@ -80,15 +93,14 @@ def read_adapter(name: str, path: Path, entry: BaseModelEntry, vocab: Mapping[st
         raise BaseModelMismatch(
             f"Adapter '{name}' was trained on '{manifest.base_model}', but this engine serves '{entry.id}'."
         )
-    if peft_config.get("peft_type", "LORA") != "LORA":
-        raise InvalidAdapter(f"Only LoRA adapters are served, got {peft_config.get('peft_type')!r}.")
-    rank, max_rank = int(peft_config.get("r", 0)), entry.serving.max_lora_rank
-    if rank > max_rank:
-        raise InvalidAdapter(f"LoRA rank {rank} is greater than this engine's max_lora_rank {max_rank}.")
+    problems = serving_problems(peft_config, entry.serving)
+    if problems:
+        raise InvalidAdapter(f"Adapter '{name}' cannot be served: {'; '.join(problems)}.")
     eos_ids, stop_strings = split_stop_tokens(vocab, manifest.stop_tokens)
     return LoadedAdapter(
         name=name,
         path=path,
+        peft_name=peft_adapter_name(name),
         manifest=manifest,
         chat_template=manifest_template(manifest, entry),
         eos_ids=eos_ids,

@@ -100,12 +100,11 @@ def chat_completion(
     cid: str,
     created: int,
     model: str,
-    text: str,
-    finish_reason: str,
+    choices: list[tuple[str, str]],
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
-    """A non-streaming ``ChatCompletion`` with one choice."""
+    """A non-streaming ``ChatCompletion``; ``choices`` are ``(text, finish_reason)`` pairs (``n``)."""
     return {
         "id": cid,
         "object": "chat.completion",
@@ -113,11 +112,12 @@ def chat_completion(
         "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": index,
                 "message": {"role": "assistant", "content": text, "refusal": None},
                 "finish_reason": finish_reason,
                 "logprobs": None,
             }
+            for index, (text, finish_reason) in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }

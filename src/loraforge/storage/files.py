@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -13,6 +12,8 @@ from loraforge.db.models import FileRecord, Organization
 from loraforge.db.pagination import paginate
 from loraforge.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from loraforge.ids import new_id, now
+from loraforge.preflight.report import MAX_ISSUES
+from loraforge.preflight.validate import json_issue
 from loraforge.storage.blobs import CHUNK, BlobStore
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -30,28 +31,24 @@ def _limited(stream: BinaryIO, limit: int) -> Iterator[bytes]:
 
 
 def _jsonl_checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Pass chunks through while checking, line by line, that each non-blank line is a JSON object.
+    """Pass chunks through, checking that every non-blank line is a JSON object; at the end, refuse
+    the file listing every line that is not (up to ``MAX_ISSUES``), not only the first.
 
-    Constant memory: only the unfinished last line of a chunk is held.
+    Constant memory: only the unfinished last line of a chunk is held. The rest of the format
+    (messages, roles, ...) is checked after the upload by the pre-flight task.
     """
     pending = b""
     line_no = 0
+    bad: list[str] = []
+    total = 0
 
     def check(line: bytes) -> None:
-        if not line.strip():
-            return
-        hint = line[:20].decode("utf-8", "replace")
-        try:
-            value = json.loads(line)
-        except (UnicodeDecodeError, ValueError):
-            value = None
-        if not isinstance(value, dict):
-            raise InvalidRequestError(
-                "Expected file to have JSONL format, where every line is a JSON object. "
-                f'Line {line_no} is not a JSON object (HINT: line starts with: "{hint}...").',
-                param="file",
-                code="invalid_file_format",
-            )
+        nonlocal total
+        problem = json_issue(line)
+        if problem is not None:
+            total += 1
+            if len(bad) < MAX_ISSUES:
+                bad.append(f"line {line_no}: {problem[1]} ({problem[0]})")
 
     for chunk in chunks:
         pending += chunk
@@ -63,6 +60,16 @@ def _jsonl_checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
     if pending:
         line_no += 1
         check(pending)
+    if bad:
+        first = bad[0].split(":", 1)[0].replace("line", "Line")
+        raise InvalidRequestError(
+            "Expected file to have JSONL format, where every line is a JSON object. "
+            f"{first} is not; {total} line(s) in all: "
+            + "; ".join(bad)
+            + ("; ..." if total > len(bad) else ""),
+            param="file",
+            code="invalid_file_format",
+        )
 
 
 def create_file(
@@ -91,6 +98,8 @@ def create_file(
     key = f"files/{org.id}/{file_id}"
     chunks = _limited(stream, max_bytes)
     if purpose == "fine-tune":
+        # Lines that are not JSON objects are refused now, all of them listed; the full format
+        # is checked after the upload (the ``validate_file`` task).
         chunks = _jsonl_checked(chunks)
     size = blobs.write_stream(key, chunks)
     if size == 0:
@@ -105,7 +114,8 @@ def create_file(
         bytes=size,
         created_at=created,
         expires_at=created + expires_after_seconds if expires_after_seconds else None,
-        status="processed",
+        # A fine-tune file is "uploaded" until the pre-flight task marks it processed or error.
+        status="uploaded" if purpose == "fine-tune" else "processed",
         storage_key=key,
     )
     session.add(record)

@@ -2,21 +2,30 @@
 
 stdout carries only the JSON lines (see the package docstring); logs, warnings and progress bars
 go to stderr. SIGTERM stops the run promptly without writing the adapter (exit 143).
+
+When ``LORAFORGE_TRAINER_PARENT_PID`` is set (the worker sets it), the trainer dies with that
+process: ``PR_SET_PDEATHSIG`` on Linux, and a watcher thread everywhere (a SIGKILLed worker must
+not leave a trainer holding the accelerator, nor one racing the run that resumes the job).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import logging
 import os
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from loraforge.trainer.data import TrainingDataError, read_chat_jsonl
-from loraforge.trainer.spec import load_spec
+from loraforge.trainer.spec import TrainSpec, load_spec
 
 logger = logging.getLogger("loraforge.trainer")
 
@@ -24,6 +33,11 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_DATA_ERROR = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
+EXIT_ORPHANED = 128 + signal.SIGKILL
+PARENT_PID_ENV = "LORAFORGE_TRAINER_PARENT_PID"
+PR_SET_PDEATHSIG = 1
+PARENT_POLL_SECONDS = 1.0
+LOCK_FILE = "trainer.lock"
 
 
 class TrainingCancelled(BaseException):  # noqa: N818 - like KeyboardInterrupt, not an error
@@ -32,6 +46,52 @@ class TrainingCancelled(BaseException):  # noqa: N818 - like KeyboardInterrupt, 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
     raise TrainingCancelled(f"received signal {signum}")
+
+
+def _die_with_parent() -> None:
+    """Exit when the process named by ``LORAFORGE_TRAINER_PARENT_PID`` is gone."""
+    raw = os.environ.get(PARENT_PID_ENV, "")
+    if not raw.isdigit():
+        return
+    parent = int(raw)
+    if sys.platform.startswith("linux"):
+        libc_name = ctypes.util.find_library("c")
+        if libc_name:
+            # The kernel kills us the moment the thread that forked us dies; no polling delay.
+            ctypes.CDLL(libc_name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        logger.error("parent process %d is gone; stopping", parent)
+        os._exit(EXIT_ORPHANED)
+
+    if os.getppid() != parent:  # it died before the prctl above took effect
+        os._exit(EXIT_ORPHANED)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _hold_run_lock(spec: TrainSpec) -> TextIO | None:
+    """Take an exclusive lock on the run's directory (the checkpoint directory's parent).
+
+    The database lease already keeps two workers from running a job at once; this covers a
+    worker that froze rather than died: its trainer still runs when the job is re-queued, and
+    the new trainer waits here until it exits instead of writing the same checkpoints. The kernel
+    drops the lock when the process ends, however it ends.
+    """
+    if not spec.checkpoint_dir:
+        return None
+    import fcntl
+
+    path = Path(spec.checkpoint_dir).parent / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        logger.warning("another trainer of this job holds %s; waiting for it to exit", path)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
 
 
 def _claim_stdout() -> TextIO:
@@ -60,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         argv: command-line arguments (default ``sys.argv[1:]``): the spec path.
 
     Returns:
-        The exit code: 0 done, 1 error, 2 invalid data, 143 SIGTERM.
+        The exit code: 0 done or paused, 1 error, 2 invalid data, 143 SIGTERM.
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    _die_with_parent()
     signal.signal(signal.SIGTERM, _on_sigterm)
     out = _claim_stdout()
     emit = _emitter(out)
     try:
         spec = load_spec(args.spec)
+        lock = _hold_run_lock(spec)  # noqa: F841 - held (open) until the process exits
         # Fail fast on a bad file, before the seconds-long torch/transformers import.
         read_chat_jsonl(spec.training_file)
         from loraforge.trainer.recipe import train  # torch & co. load only after the env is set

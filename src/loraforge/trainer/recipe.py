@@ -4,24 +4,26 @@ An explicit Accelerate + PEFT loop (no ``transformers.Trainer``): one process, o
 loss is the mean cross-entropy over assistant tokens only (labels != -100); the same spec gives
 the same loss sequence on CPU (seeded LoRA init, seeded data order, no other randomness).
 
+``setup`` starts from the newest checkpoint in ``spec.checkpoint_dir`` written by the same spec
+(crash recovery, resume after pause), else from ``spec.init_adapter`` (continued fine-tuning),
+else from a fresh seeded LoRA init. The loop itself is in :mod:`loraforge.trainer.loop`.
+
 Progress is reported through ``emit(dict)``; the CLI prints each dict as one JSON line.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model
 
 from loraforge.adapters.format import (
     ADAPTER_CONFIG,
@@ -32,24 +34,32 @@ from loraforge.adapters.format import (
 )
 from loraforge.catalog.catalog import BaseModelEntry, load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
-from loraforge.trainer.data import (
-    IGNORE_INDEX,
-    TokenizedExample,
-    TrainingDataError,
-    collate,
-    read_chat_jsonl,
-    tokenize_dataset,
-)
+from loraforge.trainer import checkpoint as ckpt
+from loraforge.trainer.data import TokenizedExample, TrainingDataError, read_chat_jsonl, tokenize_dataset
 from loraforge.trainer.hyperparams import ResolvedHyperparameters, resolve_hyperparameters, steps_per_epoch
+from loraforge.trainer.loop import DONE, train_loop
 from loraforge.trainer.spec import TrainSpec
+from loraforge.trainer.start import build_model
 
 logger = logging.getLogger(__name__)
 
 Emit = Callable[[dict[str, Any]], None]
 
-# Trainer's defaults: no weight decay on the adapter, clip the gradient norm at 1.0.
-WEIGHT_DECAY = 0.0
-MAX_GRAD_NORM = 1.0
+# Gradient norm is clipped at 1.0 in the loop; weight decay and warmup come from the spec.
+
+
+def warmup_schedule(warmup_ratio: float, total_steps: int) -> Callable[[int], float]:
+    """LR factor per step: linear from 1/W up to 1 over the first W = ceil(ratio * steps) steps, then 1.
+
+    Args:
+        warmup_ratio: fraction of the steps spent warming up (0: none, factor 1 throughout).
+        total_steps: optimizer steps of the run.
+
+    Returns:
+        The ``LambdaLR`` factor function.
+    """
+    warmup = math.ceil(warmup_ratio * total_steps)
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
 @dataclass
@@ -62,13 +72,25 @@ class TrainingRun:
     tokenizer: Any
     model: Any
     optimizer: Any
+    # Linear warmup over spec.warmup_ratio of the steps, then constant; checkpointed for resume.
+    scheduler: Any
     train_set: list[TokenizedExample]
     valid_set: list[TokenizedExample]
     hyperparameters: ResolvedHyperparameters
     lora: LoraSettings
     total_steps: int
     train_tokens_per_epoch: int
-    # Filled by train_loop: the last step's train metrics and the last validation metrics.
+    # Identifies checkpoints this run may resume (spec + resolved hyperparameters).
+    fingerprint: str
+    # Where the loop starts (step 0 or a checkpoint's position) and where it is.
+    position: ckpt.Position = field(default_factory=ckpt.Position)
+    # RNG states to restore right before the first step of a resumed run.
+    resume_rng: dict[str, Any] | None = None
+    resumed_from: ckpt.CheckpointInfo | None = None
+    last_checkpoint_step: int = -1
+    # The last step's metrics (validation merged in when it ran at that step) ...
+    step_metrics: dict[str, float] = field(default_factory=dict)
+    # ... and the latest value of every metric so far (for the manifest).
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -80,20 +102,24 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _lora_settings(spec: TrainSpec, entry: BaseModelEntry) -> LoraSettings:
-    defaults = entry.lora
-    return LoraSettings(
-        r=spec.lora_r if spec.lora_r is not None else defaults.r,
-        alpha=spec.lora_alpha if spec.lora_alpha is not None else defaults.alpha,
-        dropout=spec.lora_dropout if spec.lora_dropout is not None else defaults.dropout,
-        target_modules=list(spec.lora_target_modules or defaults.target_modules),
-    )
+def _restore(run: TrainingRun, resume: ckpt.CheckpointInfo) -> None:
+    """Load optimizer, scheduler, data position, metrics and RNG states from ``resume``."""
+    state = ckpt.load_training_state(resume)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.position = ckpt.Position(**state["position"])
+    run.resume_rng = state["rng"]
+    run.metrics = dict(state.get("metrics") or {})
+    run.step_metrics = dict(resume.metrics)
+    run.resumed_from = resume
+    run.last_checkpoint_step = resume.step
 
 
 def setup(spec: TrainSpec) -> TrainingRun:
     """Phase 1: read and tokenize the data, resolve hyperparameters, build model and optimizer.
 
-    Data is validated before the model is loaded, so a bad file fails fast.
+    Data is validated before the model is loaded, so a bad file fails fast. When a checkpoint of
+    this spec exists, the run is positioned to continue from it.
 
     Args:
         spec: the run's spec.
@@ -103,7 +129,7 @@ def setup(spec: TrainSpec) -> TrainingRun:
 
     Raises:
         TrainingDataError: the training or validation file is invalid.
-        ValueError: the base model is not in the catalog.
+        ValueError: the base model is not in the catalog, or ``init_adapter`` does not fit it.
     """
     if spec.torch_threads > 0:
         torch.set_num_threads(spec.torch_threads)
@@ -134,27 +160,35 @@ def setup(spec: TrainSpec) -> TrainingRun:
 
     device = _resolve_device(spec.device)
     accelerator = Accelerator(cpu=device == "cpu")
-    model = load_model(entry, models_dir, device=str(accelerator.device))
-    lora = _lora_settings(spec, entry)
-    # Seed right before the LoRA init: building a builtin model above reseeds the global RNG.
-    torch.manual_seed(spec.seed)
-    model = get_peft_model(
-        model,
-        LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            task_type="CAUSAL_LM",
-        ),
-    )
+    base = load_model(entry, models_dir, device=str(accelerator.device))
+    fingerprint = spec.fingerprint(hp.model_dump())
+    model, lora, resume = build_model(spec, entry, base, fingerprint)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=hp.learning_rate, weight_decay=WEIGHT_DECAY, fused=accelerator.device.type == "cuda"
+        params, lr=hp.learning_rate, weight_decay=spec.weight_decay, fused=accelerator.device.type == "cuda"
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(spec.warmup_ratio, total_steps))
     model, optimizer = accelerator.prepare(model, optimizer)
+    run = TrainingRun(
+        spec=spec,
+        entry=entry,
+        accelerator=accelerator,
+        tokenizer=tokenizer,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_set=train_set,
+        valid_set=valid_set,
+        hyperparameters=hp,
+        lora=lora,
+        total_steps=total_steps,
+        train_tokens_per_epoch=train_tokens,
+        fingerprint=fingerprint,
+    )
+    if resume is not None:
+        _restore(run, resume)
     logger.info(
-        "setup: %s on %s, %d examples (%d trained tokens/epoch), %s, %d steps, %d trainable params",
+        "setup: %s on %s, %d examples (%d trained tokens/epoch), %s, %d steps, %d trainable params, from %s",
         entry.id,
         accelerator.device,
         len(train_set),
@@ -162,127 +196,43 @@ def setup(spec: TrainSpec) -> TrainingRun:
         hp.model_dump(),
         total_steps,
         sum(p.numel() for p in params),
+        f"checkpoint step {resume.step}" if resume else (spec.init_adapter or "a fresh LoRA init"),
     )
-    return TrainingRun(
-        spec=spec,
-        entry=entry,
-        accelerator=accelerator,
-        tokenizer=tokenizer,
-        model=model,
-        optimizer=optimizer,
-        train_set=train_set,
-        valid_set=valid_set,
-        hyperparameters=hp,
-        lora=lora,
-        total_steps=total_steps,
-        train_tokens_per_epoch=train_tokens,
-    )
+    return run
 
 
-def _forward(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token CE over labelled tokens, number correct (argmax), number labelled."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1, :].float()
-    labels = batch["labels"][:, 1:]
-    valid = labels != IGNORE_INDEX
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    correct = ((logits.argmax(dim=-1) == labels) & valid).sum()
-    return loss_sum, int(correct.item()), int(valid.sum().item())
-
-
-def _batches(
-    examples: list[TokenizedExample], order: list[int], batch_size: int
-) -> list[list[TokenizedExample]]:
-    return [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
-
-
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
-
-
-def evaluate(run: TrainingRun) -> dict[str, float]:
-    """Token-weighted loss and accuracy over the whole validation set.
+def build_manifest(run: TrainingRun, metrics: dict[str, float], *, steps: int) -> AdapterManifest:
+    """The adapter manifest for the model after ``steps`` steps (a checkpoint or the final one).
 
     Args:
-        run: the prepared run (its ``valid_set`` must be non-empty).
+        run: the run.
+        metrics: the metrics to record.
+        steps: optimizer steps taken so far.
 
     Returns:
-        ``{"valid_loss", "valid_mean_token_accuracy"}``.
+        The manifest.
     """
-    pad_id = run.tokenizer.pad_token_id
-    loss_total, correct_total, count_total = 0.0, 0, 0
-    run.model.eval()
-    with torch.no_grad():
-        for chunk in _batches(run.valid_set, list(range(len(run.valid_set))), run.hyperparameters.batch_size):
-            loss_sum, correct, count = _forward(
-                run.model, _to_device(collate(chunk, pad_id), run.accelerator.device)
-            )
-            loss_total += loss_sum.item()
-            correct_total += correct
-            count_total += count
-    run.model.train()
-    return {
-        "valid_loss": loss_total / max(count_total, 1),
-        "valid_mean_token_accuracy": correct_total / max(count_total, 1),
-    }
-
-
-def train_loop(run: TrainingRun, emit: Emit) -> dict[str, float]:
-    """Phase 2: the optimisation loop; emits ``metrics`` lines.
-
-    A line is emitted every ``spec.log_every`` steps, on the last step, and at each epoch end
-    when there is a validation set (with ``valid_loss``/``valid_mean_token_accuracy`` merged in).
-
-    Args:
-        run: the prepared run.
-        emit: receives each metrics dict.
-
-    Returns:
-        The final metrics (last step's train metrics plus the last validation metrics).
-    """
-    spec, hp, model, optimizer = run.spec, run.hyperparameters, run.model, run.optimizer
-    pad_id = run.tokenizer.pad_token_id
-    params = [p for p in model.parameters() if p.requires_grad]
-    generator = torch.Generator().manual_seed(spec.seed)
-    n = len(run.train_set)
-    step, started = 0, time.monotonic()
-    model.train()
-    for epoch in range(1, hp.n_epochs + 1):
-        order = torch.randperm(n, generator=generator).tolist()
-        batches = _batches(run.train_set, order, hp.batch_size)
-        for index, chunk in enumerate(batches):
-            batch = _to_device(collate(chunk, pad_id), run.accelerator.device)
-            loss_sum, correct, count = _forward(model, batch)
-            loss = loss_sum / max(count, 1)
-            run.accelerator.backward(loss)
-            run.accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            run.metrics.update(
-                train_loss=float(loss.item()), train_mean_token_accuracy=correct / max(count, 1)
-            )
-            epoch_end = index == len(batches) - 1
-            validate = epoch_end and bool(run.valid_set)
-            if validate:
-                run.metrics.update(evaluate(run))
-            if validate or step % spec.log_every == 0 or step == run.total_steps:
-                line: dict[str, Any] = {
-                    "type": "metrics",
-                    "step": step,
-                    "total_steps": run.total_steps,
-                    "epoch": epoch,
-                    "train_loss": run.metrics["train_loss"],
-                    "train_mean_token_accuracy": run.metrics["train_mean_token_accuracy"],
-                }
-                if validate:
-                    line["valid_loss"] = run.metrics["valid_loss"]
-                    line["valid_mean_token_accuracy"] = run.metrics["valid_mean_token_accuracy"]
-                emit(line)
-    logger.info("trained %d steps in %.2f s, final %s", step, time.monotonic() - started, run.metrics)
-    return dict(run.metrics)
+    per_epoch = steps_per_epoch(len(run.train_set), run.hyperparameters.batch_size)
+    return AdapterManifest(
+        job_id=run.spec.job_id,
+        base_model=run.entry.id,
+        base_weights=run.entry.weights,
+        chat_template=run.entry.chat_template_text,
+        stop_tokens=list(run.entry.stop_tokens),
+        lora=run.lora,
+        hyperparameters={
+            **run.hyperparameters.model_dump(),
+            "max_seq_length": min(
+                run.spec.max_seq_length or run.entry.max_seq_length, run.entry.context_length
+            ),
+            "warmup_ratio": run.spec.warmup_ratio,
+            "weight_decay": run.spec.weight_decay,
+        },
+        metrics=metrics,
+        trained_tokens=run.train_tokens_per_epoch * steps // per_epoch,
+        total_steps=steps,
+        spec_hash=run.spec.spec_hash(),
+    )
 
 
 def _install(tmp: Path, final: Path) -> None:
@@ -304,7 +254,7 @@ def save(run: TrainingRun, metrics: dict[str, float]) -> AdapterManifest:
     """Phase 3: write the PEFT pair and ``manifest.json`` to a temp sibling, then rename it.
 
     A run killed before the rename leaves only a hidden ``.<name>.partial-*`` directory, never a
-    half-written ``output_dir``.
+    half-written ``output_dir``; such leftovers of earlier runs are removed here.
 
     Args:
         run: the trained run.
@@ -315,23 +265,13 @@ def save(run: TrainingRun, metrics: dict[str, float]) -> AdapterManifest:
     """
     final = Path(run.spec.output_dir).resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in final.parent.glob(f".{final.name}.partial-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         run.accelerator.unwrap_model(run.model).save_pretrained(tmp)
         (tmp / "README.md").unlink(missing_ok=True)
-        manifest = AdapterManifest(
-            job_id=run.spec.job_id,
-            base_model=run.entry.id,
-            base_weights=run.entry.weights,
-            chat_template=run.entry.chat_template_text,
-            stop_tokens=list(run.entry.stop_tokens),
-            lora=run.lora,
-            hyperparameters=run.hyperparameters.model_dump(),
-            metrics=metrics,
-            trained_tokens=run.train_tokens_per_epoch * run.hyperparameters.n_epochs,
-            total_steps=run.total_steps,
-            spec_hash=run.spec.spec_hash(),
-        )
+        manifest = build_manifest(run, metrics, steps=run.total_steps)
         write_manifest(tmp, manifest)
         # mkdtemp/mkstemp create private (0700/0600) entries; the engine may run as another user.
         tmp.chmod(0o755)
@@ -350,42 +290,68 @@ def cleanup(run: TrainingRun) -> None:
     Args:
         run: the finished (or failed) run.
     """
-    run.model = run.optimizer = None
+    run.model = run.optimizer = run.scheduler = None
     run.accelerator.free_memory()
 
 
-def train(spec: TrainSpec, emit: Emit) -> AdapterManifest:
+def _hyperparameters_line(run: TrainingRun) -> dict[str, Any]:
+    hp = run.hyperparameters
+    return {
+        "type": "hyperparameters",
+        "n_epochs": hp.n_epochs,
+        "batch_size": hp.batch_size,
+        "learning_rate_multiplier": hp.learning_rate_multiplier,
+        "learning_rate": hp.learning_rate,
+        "total_steps": run.total_steps,
+        "n_examples": len(run.train_set),
+        "train_tokens_per_epoch": run.train_tokens_per_epoch,
+    }
+
+
+def train(spec: TrainSpec, emit: Emit) -> AdapterManifest | None:
     """Fine-tune a LoRA adapter on ``spec.training_file`` and write it to ``spec.output_dir``.
 
-    Emits, in order: one ``hyperparameters`` dict, ``metrics`` dicts during training, and one
-    ``done`` dict after the adapter is in place (see the package docstring for the shapes).
+    Emits, in order: one ``hyperparameters`` dict; a ``resumed`` dict when it continues from a
+    checkpoint; ``metrics`` and ``checkpoint`` dicts during training; then either one ``done``
+    dict after the adapter is in place, or one ``paused`` dict when ``spec.pause_file`` appeared
+    (see the package docstring for the shapes).
 
     Args:
         spec: what to train.
         emit: called with each progress dict (the CLI prints them as JSON lines).
 
     Returns:
-        The manifest written into the adapter directory.
+        The manifest written into the adapter directory, or None when the run was paused.
 
     Raises:
         TrainingDataError: the training or validation file is invalid.
     """
     run = setup(spec)
     try:
-        hp = run.hyperparameters
-        emit(
-            {
-                "type": "hyperparameters",
-                "n_epochs": hp.n_epochs,
-                "batch_size": hp.batch_size,
-                "learning_rate_multiplier": hp.learning_rate_multiplier,
-                "learning_rate": hp.learning_rate,
-                "total_steps": run.total_steps,
-                "n_examples": len(run.train_set),
-                "train_tokens_per_epoch": run.train_tokens_per_epoch,
-            }
-        )
-        metrics = train_loop(run, emit)
+        emit(_hyperparameters_line(run))
+        if run.resumed_from is not None:
+            info = run.resumed_from
+            emit(
+                {
+                    "type": "resumed",
+                    "step": info.step,
+                    "epoch": info.epoch,
+                    "kind": info.kind,
+                    "path": str(info.path.resolve()),
+                }
+            )
+        if train_loop(run, emit) != DONE:
+            latest = ckpt.list_checkpoints(Path(spec.checkpoint_dir)) if spec.checkpoint_dir else []
+            emit(
+                {
+                    "type": "paused",
+                    "step": run.position.step,
+                    "total_steps": run.total_steps,
+                    "checkpoint": str(latest[-1].path.resolve()) if latest else None,
+                }
+            )
+            return None
+        metrics = dict(run.metrics)
         manifest = save(run, metrics)
     finally:
         cleanup(run)
@@ -396,6 +362,8 @@ def train(spec: TrainSpec, emit: Emit) -> AdapterManifest:
             "trained_tokens": manifest.trained_tokens,
             "total_steps": manifest.total_steps,
             "train_loss": metrics["train_loss"],
+            "metrics": metrics,
+            "resumed_from_step": run.resumed_from.step if run.resumed_from else None,
         }
     )
     return manifest

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -65,12 +65,59 @@ class TrainSpec(BaseModel):
     lora_target_modules: list[str] | None = None
     # Longest tokenized example kept (longer ones are cut at the end); None means the catalog's.
     max_seq_length: int | None = Field(default=None, ge=8)
+    # Linear LR warmup over this fraction of the steps, then constant; 0 means no warmup.
+    warmup_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    # AdamW weight decay on the LoRA parameters.
+    weight_decay: float = Field(default=0.0, ge=0.0)
     # Emit a metrics line every N optimizer steps (and always on the last step).
     log_every: int = Field(default=1, ge=1)
     # torch.set_num_threads(n) when n > 0; 0 leaves torch's default.
     torch_threads: int = Field(default=0, ge=0)
     # "auto" (cuda if available, else cpu), "cpu" or "cuda".
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Evaluate on the validation sample every N steps as well as at each epoch end (0: epoch ends only).
+    eval_every: int = Field(default=0, ge=0)
+    # Where checkpoints go (one directory per checkpoint, each a valid adapter directory plus the
+    # training state); None disables checkpoints, pausing with a checkpoint and resuming.
+    checkpoint_dir: str | None = None
+    # Epoch-end checkpoints kept on disk (OpenAI keeps the last 3 epochs').
+    keep_checkpoints: int = Field(default=3, ge=1)
+    # When this file exists the trainer saves a checkpoint at the next step boundary and stops.
+    pause_file: str | None = None
+    # Continued fine-tuning: start from this adapter directory instead of a fresh LoRA init.
+    init_adapter: str | None = None
+
+    def fingerprint(self, resolved: dict[str, Any] | None = None) -> str:
+        """SHA-256 of what decides the training trajectory (not where files go or how it is run).
+
+        A checkpoint is resumed only by a run with the same fingerprint.
+
+        Args:
+            resolved: the resolved hyperparameters, used instead of the requested ones (the
+                worker writes the resolved values back to the job, so a resumed run's spec says
+                ``4`` where the first run's said ``"auto"``).
+
+        Returns:
+            The hex digest.
+        """
+        volatile = {
+            "job_id",
+            "models_config",
+            "models_dir",
+            "output_dir",
+            "log_every",
+            "torch_threads",
+            "device",
+            "checkpoint_dir",
+            "keep_checkpoints",
+            "pause_file",
+            "eval_every",
+        }
+        fields = self.model_dump(mode="json", exclude=volatile)
+        if resolved is not None:
+            fields["hyperparameters"] = resolved
+        canonical = json.dumps(fields, sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()
 
     def spec_hash(self) -> str:
         """SHA-256 of the spec's canonical JSON (sorted keys), recorded in the adapter manifest.

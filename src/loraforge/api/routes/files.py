@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.idempotency import idempotency
 from loraforge.api.schemas.common import list_page
 from loraforge.api.schemas.files import file_public
 from loraforge.errors import InvalidRequestError
@@ -16,7 +17,7 @@ from loraforge.storage import files
 router = APIRouter(prefix="/files", tags=["files"])
 
 
-@router.post("")
+@router.post("", dependencies=[Depends(idempotency)])
 def create_file(
     services: ServicesDep,
     session: SessionDep,
@@ -43,6 +44,10 @@ def create_file(
         max_bytes=services.settings.max_upload_bytes,
         expires_after_seconds=expires_seconds,
     )
+    if record.status == "uploaded":
+        # Commit first: the worker must find the file it is asked to validate.
+        session.commit()
+        services.dispatcher.validate_file(record.id)
     return file_public(record)
 
 

@@ -1,16 +1,17 @@
-"""``/v1/fine_tuning/jobs`` — create, list, retrieve, cancel, events, checkpoints."""
+"""``/v1/fine_tuning/jobs`` — create, list, retrieve, cancel, pause, resume, events, checkpoints."""
 
 from __future__ import annotations
 
 import re
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.idempotency import idempotency
 from loraforge.api.schemas.common import list_page
-from loraforge.api.schemas.fine_tuning import event_public, job_public
-from loraforge.jobs import service
+from loraforge.api.schemas.fine_tuning import checkpoint_public, event_public, job_public
+from loraforge.jobs import checkpoints, control, service
 from loraforge.jobs.params import JobCreateParams
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"])
@@ -18,11 +19,16 @@ router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"])
 _METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
 
 
-@router.post("")
+@router.post("", dependencies=[Depends(idempotency)])
 def create_job(
     services: ServicesDep, session: SessionDep, org: OrgDep, params: JobCreateParams
 ) -> dict[str, Any]:
-    """Create a fine-tuning job; validation and training run on the workers."""
+    """Create a fine-tuning job; validation and training run on the workers.
+
+    With ``"dry_run": true`` nothing is created: the answer is the pre-flight report.
+    """
+    if params.dry_run:
+        return service.dry_run_job(session, services.catalog, services.settings, services.blobs, org, params)
     job = service.create_job(session, services.catalog, org, params)
     session.commit()
     services.dispatcher.validate_job(job.id)
@@ -71,6 +77,21 @@ def list_events(
     return list_page([event_public(e) for e in rows], has_more)
 
 
+@router.post("/{job_id}/pause")
+def pause_job(session: SessionDep, org: OrgDep, job_id: str) -> dict[str, Any]:
+    """Pause a queued or running job (a running one turns ``paused`` once its checkpoint is saved)."""
+    return job_public(control.pause_job(session, org, job_id), org)
+
+
+@router.post("/{job_id}/resume")
+def resume_job(services: ServicesDep, session: SessionDep, org: OrgDep, job_id: str) -> dict[str, Any]:
+    """Resume a paused job: it is queued again and continues from its pause checkpoint."""
+    job = control.resume_job(session, org, job_id)
+    session.commit()
+    services.dispatcher.train_job(job.id)
+    return job_public(job, org)
+
+
 @router.get("/{job_id}/checkpoints")
 def list_checkpoints(
     session: SessionDep,
@@ -79,6 +100,7 @@ def list_checkpoints(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
 ) -> dict[str, Any]:
-    """The job's checkpoints, newest first (none are kept yet)."""
+    """The job's epoch checkpoints (the last 3 are kept), newest first."""
     service.get_job(session, org, job_id)
-    return list_page([], False)
+    rows, has_more = checkpoints.list_for_job(session, job_id, after=after, limit=limit)
+    return list_page([checkpoint_public(c) for c in rows], has_more)

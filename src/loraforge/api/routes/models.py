@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
 
-from loraforge.adapters import registry
+from loraforge.adapters import export, registry
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
-from loraforge.api.schemas.models import base_model_public, fine_tuned_model_public
+from loraforge.api.schemas.models import base_model_public, checkpoint_model_public, fine_tuned_model_public
 from loraforge.errors import InvalidRequestError
 
 router = APIRouter(prefix="/models", tags=["models"])
@@ -16,10 +17,35 @@ router = APIRouter(prefix="/models", tags=["models"])
 
 @router.get("")
 def list_models(services: ServicesDep, session: SessionDep, org: OrgDep) -> dict[str, Any]:
-    """Base models (tagged fine-tunable) and the caller's fine-tuned models."""
+    """Base models (tagged fine-tunable), the caller's fine-tuned models and their checkpoints."""
     data = [base_model_public(entry) for entry in services.catalog]
     data += [fine_tuned_model_public(m, org) for m in registry.list_fine_tuned_models(session, org)]
+    data += [checkpoint_model_public(c, org) for c in registry.list_checkpoint_models(session, org)]
     return {"object": "list", "data": data}
+
+
+# Registered before ``/{model:path}``: that route's path converter would swallow ``/export`` too.
+@router.get("/{model:path}/export")
+def export_model(
+    services: ServicesDep,
+    session: SessionDep,
+    org: OrgDep,
+    model: str,
+    export_format: Annotated[Literal["peft", "merged"], Query(alias="format")] = "peft",
+) -> StreamingResponse:
+    """Download one of the caller's fine-tuned (or checkpoint) models as a tar: PEFT or merged weights."""
+    if services.catalog.get(model) is not None:
+        raise InvalidRequestError(
+            f"`{model}` is a base model; only fine-tuned models are exported.", param="model"
+        )
+    filename, entries = export.export_archive(
+        services.settings, services.catalog, registry.resolve(session, org, model), export_format
+    )
+    return StreamingResponse(
+        export.tar_stream(entries),
+        media_type="application/x-tar",
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
 
 
 @router.get("/{model:path}")
@@ -28,6 +54,9 @@ def retrieve_model(services: ServicesDep, session: SessionDep, org: OrgDep, mode
     entry = services.catalog.get(model)
     if entry is not None:
         return base_model_public(entry)
+    checkpoint = registry.get_checkpoint_model(session, org, model)
+    if checkpoint is not None:
+        return checkpoint_model_public(checkpoint, org)
     return fine_tuned_model_public(registry.get_fine_tuned_model(session, org, model), org)
 
 
@@ -39,4 +68,5 @@ def delete_model(services: ServicesDep, session: SessionDep, org: OrgDep, model:
     removed = registry.delete_fine_tuned_model(session, org, model)
     session.commit()
     registry.unload_from_engines(services.settings, removed)
+    export.drop_cached_exports(services.settings, removed.job_id)
     return {"id": removed.id, "object": "model", "deleted": True}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from loraforge.db.models import Job, JobEvent, Organization
+from loraforge.db.models import Job, JobCheckpoint, JobEvent, Organization
 
 
 def job_public(job: Job, org: Organization) -> dict[str, Any]:
@@ -16,7 +16,8 @@ def job_public(job: Job, org: Organization) -> dict[str, Any]:
         "fine_tuned_model": job.fine_tuned_model,
         "finished_at": job.finished_at,
         "hyperparameters": dict(job.hyperparameters),
-        "model": job.model,
+        # What the user asked for: a base model, or the model a continued job starts from.
+        "model": job.parent_model or job.model,
         "organization_id": org.id,
         "result_files": list(job.result_files or []),
         "seed": job.seed,
@@ -41,4 +42,16 @@ def event_public(event: JobEvent) -> dict[str, Any]:
         "message": event.message,
         "data": event.data or {},
         "type": event.type,
+    }
+
+
+def checkpoint_public(ckpt: JobCheckpoint) -> dict[str, Any]:
+    return {
+        "id": ckpt.id,
+        "object": "fine_tuning.job.checkpoint",
+        "created_at": ckpt.created_at,
+        "fine_tuned_model_checkpoint": ckpt.fine_tuned_model_checkpoint,
+        "fine_tuning_job_id": ckpt.job_id,
+        "step_number": ckpt.step_number,
+        "metrics": dict(ckpt.metrics or {}),
     }

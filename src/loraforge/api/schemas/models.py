@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraforge.catalog import BaseModelEntry
-from loraforge.db.models import FineTunedModel, Organization
+from loraforge.db.models import FineTunedModel, JobCheckpoint, Organization
 
 
 def base_model_public(entry: BaseModelEntry) -> dict[str, Any]:
@@ -30,4 +30,18 @@ def fine_tuned_model_public(model: FineTunedModel, org: Organization) -> dict[st
         "parent": model.base_model,
         "root": model.base_model,
         "fine_tuning_job": model.job_id,
+    }
+
+
+def checkpoint_model_public(ckpt: JobCheckpoint, org: Organization) -> dict[str, Any]:
+    """A checkpoint served as a model: ``{fine_tuned_model}:ckpt-step-{N}``."""
+    return {
+        "id": ckpt.fine_tuned_model_checkpoint,
+        "object": "model",
+        "created": ckpt.created_at,
+        "owned_by": org.name,
+        "parent": ckpt.fine_tuned_model_checkpoint.rsplit(":ckpt-step-", 1)[0],
+        "root": ckpt.base_model,
+        "fine_tuning_job": ckpt.job_id,
+        "step_number": ckpt.step_number,
     }

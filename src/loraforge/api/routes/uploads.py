@@ -1,0 +1,94 @@
+"""``/v1/uploads`` — OpenAI's multipart upload: create, add parts, complete, cancel."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, File, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+
+from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.errors import error_body
+from loraforge.api.idempotency import idempotency
+from loraforge.api.schemas.uploads import UploadComplete, UploadCreate, part_public, upload_public
+from loraforge.storage import uploads
+
+router = APIRouter(prefix="/uploads", tags=["uploads"])
+
+_PART_PATH = re.compile(r"^/v1/uploads/[^/]+/parts$")
+# Multipart framing around the part's bytes.
+_MULTIPART_SLACK = 64 * 1024
+
+
+@router.post("", dependencies=[Depends(idempotency)])
+def create_upload(
+    services: ServicesDep, session: SessionDep, org: OrgDep, body: UploadCreate
+) -> dict[str, Any]:
+    """Create a pending upload; it expires in an hour."""
+    uploads.maybe_sweep(session, services.blobs)
+    upload = uploads.create_upload(
+        session,
+        org,
+        size=body.bytes,
+        filename=body.filename,
+        mime_type=body.mime_type,
+        purpose=body.purpose,
+        file_expires_after=body.expires_after.seconds if body.expires_after else None,
+    )
+    return upload_public(upload)
+
+
+@router.post("/{upload_id}/parts")
+def add_part(
+    services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str, data: UploadFile = File(...)
+) -> dict[str, Any]:
+    """Add one part (at most 64 MB), stored as it arrives."""
+    part = uploads.add_part(session, services.blobs, org, upload_id, data.file)
+    return part_public(part)
+
+
+@router.post("/{upload_id}/complete", dependencies=[Depends(idempotency)])
+def complete_upload(
+    services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str, body: UploadComplete
+) -> dict[str, Any]:
+    """Assemble the parts in ``part_ids`` order into a File (validated like any other)."""
+    upload, record = uploads.complete_upload(session, services.blobs, org, upload_id, body.part_ids, body.md5)
+    # Commit first: the worker must find the file, and the parts are only dropped once it exists.
+    session.commit()
+    uploads.discard_parts(session, services.blobs, upload)
+    if record.status == "uploaded":
+        services.dispatcher.validate_file(record.id)
+    return upload_public(upload, record)
+
+
+@router.post("/{upload_id}/cancel")
+def cancel_upload(services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str) -> dict[str, Any]:
+    """Cancel a pending upload; its parts are deleted (the SDK sends an empty body)."""
+    return upload_public(uploads.cancel_upload(session, services.blobs, org, upload_id))
+
+
+def install_part_limit(app: FastAPI) -> None:
+    """Refuse a part over 64 MB before its body is read (``add_part`` also counts the bytes)."""
+
+    @app.middleware("http")
+    async def part_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if (
+            request.method == "POST"
+            and length
+            and length.isdigit()
+            and int(length) > uploads.PART_MAX_BYTES + _MULTIPART_SLACK
+            and _PART_PATH.match(request.url.path)
+        ):
+            return JSONResponse(
+                error_body(
+                    f"A part may be at most {uploads.PART_MAX_BYTES} bytes.",
+                    "invalid_request_error",
+                    "data",
+                    "file_too_large",
+                ),
+                status_code=413,
+            )
+        return await call_next(request)

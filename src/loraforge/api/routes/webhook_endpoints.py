@@ -1,0 +1,110 @@
+"""``/v1/webhook_endpoints`` (create, list, retrieve, update, delete, rotate_secret, test) and
+``/v1/webhook_event_types``: where an organization receives signed job events."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+
+from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.idempotency import idempotency
+from loraforge.api.schemas.common import list_page
+from loraforge.api.schemas.webhooks import (
+    RotateSecretParams,
+    WebhookEndpointCreate,
+    WebhookEndpointUpdate,
+    WebhookTestParams,
+    webhook_endpoint_public,
+)
+from loraforge.webhooks import JOB_EVENT_TYPES, endpoints
+
+router = APIRouter(tags=["webhooks"])
+
+
+@router.post("/webhook_endpoints", dependencies=[Depends(idempotency)])
+def create_webhook_endpoint(
+    session: SessionDep, org: OrgDep, params: WebhookEndpointCreate
+) -> dict[str, Any]:
+    """Register a URL; the response is the only one that shows the signing secret."""
+    endpoint = endpoints.create_endpoint(
+        session, org, name=params.name, url=params.url, event_types=params.event_types
+    )
+    return webhook_endpoint_public(endpoint, with_secret=True)
+
+
+@router.get("/webhook_endpoints")
+def list_webhook_endpoints(
+    session: SessionDep,
+    org: OrgDep,
+    after: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> dict[str, Any]:
+    """The organization's endpoints, newest first."""
+    rows, has_more = endpoints.list_endpoints(session, org, after=after, limit=limit)
+    return list_page([webhook_endpoint_public(e) for e in rows], has_more)
+
+
+@router.get("/webhook_endpoints/{webhook_endpoint_id}")
+def retrieve_webhook_endpoint(session: SessionDep, org: OrgDep, webhook_endpoint_id: str) -> dict[str, Any]:
+    """Retrieve an endpoint (secret masked)."""
+    return webhook_endpoint_public(endpoints.get_endpoint(session, org, webhook_endpoint_id))
+
+
+@router.post("/webhook_endpoints/{webhook_endpoint_id}")
+def update_webhook_endpoint(
+    session: SessionDep, org: OrgDep, webhook_endpoint_id: str, params: WebhookEndpointUpdate
+) -> dict[str, Any]:
+    """Change an endpoint's name, URL or event types."""
+    endpoint = endpoints.update_endpoint(
+        session, org, webhook_endpoint_id, name=params.name, url=params.url, event_types=params.event_types
+    )
+    return webhook_endpoint_public(endpoint)
+
+
+@router.delete("/webhook_endpoints/{webhook_endpoint_id}")
+def delete_webhook_endpoint(session: SessionDep, org: OrgDep, webhook_endpoint_id: str) -> dict[str, Any]:
+    """Delete an endpoint; events not yet delivered to it are dropped."""
+    endpoint = endpoints.delete_endpoint(session, org, webhook_endpoint_id)
+    return {"id": endpoint.id, "object": "webhook_endpoint.deleted", "deleted": True}
+
+
+@router.post("/webhook_endpoints/{webhook_endpoint_id}/rotate_secret")
+def rotate_webhook_secret(
+    session: SessionDep, org: OrgDep, webhook_endpoint_id: str, params: RotateSecretParams | None = None
+) -> dict[str, Any]:
+    """Issue a new signing secret (optionally keep signing with the old one for 24 h)."""
+    keep = bool(params and params.keep_old_secret_active_for_24_hours)
+    endpoint = endpoints.rotate_secret(session, org, webhook_endpoint_id, keep_old_for_24_hours=keep)
+    return webhook_endpoint_public(endpoint, with_secret=True)
+
+
+@router.post("/webhook_endpoints/{webhook_endpoint_id}/test")
+def test_webhook_endpoint(
+    services: ServicesDep,
+    session: SessionDep,
+    org: OrgDep,
+    webhook_endpoint_id: str,
+    params: WebhookTestParams,
+) -> dict[str, Any]:
+    """Send a sample signed event now and report the receiver's HTTP status."""
+    result = endpoints.send_test(
+        session,
+        org,
+        webhook_endpoint_id,
+        params.event_type,
+        timeout=services.settings.webhook_timeout_seconds,
+    )
+    return {
+        "object": "webhook_endpoint.test",
+        "event_type": params.event_type,
+        "status_code": result.status_code,
+        "success": True,
+        "webhook_endpoint_id": webhook_endpoint_id,
+    }
+
+
+@router.get("/webhook_event_types")
+def list_webhook_event_types(org: OrgDep) -> dict[str, Any]:
+    """The event types this service sends."""
+    return {"object": "list", "data": list(JOB_EVENT_TYPES)}

@@ -1,0 +1,68 @@
+"""Where a job's files live on a worker, and how a cancelled job's are removed.
+
+``{runs_dir}/{job_id}/``: ``spec.json``, ``trainer.log``, ``pause`` (the pause request) and
+``checkpoints/step-NNNNNNN/`` (servable adapter + training state); the final adapter is
+``{adapters_dir}/{job_id}``. In a multi-machine deployment ``runs_dir`` must be shared storage
+for a re-queued job to resume on another machine.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from loraforge.adapters import registry
+from loraforge.db.models import Job
+from loraforge.db.session import session_scope
+from loraforge.jobs import checkpoints
+from loraforge.jobs.naming import checkpoint_model_name
+from loraforge.settings import Settings
+
+CHECKPOINTS = "checkpoints"
+PAUSE_FILE = "pause"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def run_dir(settings: Settings, job_id: str) -> Path:
+    """The job's working directory on this worker."""
+    return settings.runs_dir / job_id
+
+
+def checkpoint_dir(settings: Settings, job_id: str) -> Path:
+    """Where the trainer writes the job's checkpoints."""
+    return run_dir(settings, job_id) / CHECKPOINTS
+
+
+def strip_training_state(settings: Settings, job_id: str) -> None:
+    """Drop the optimizer/RNG state of a finished job's checkpoints; the adapters stay servable."""
+    for state in checkpoint_dir(settings, job_id).glob("step-*/trainer_state.pt"):
+        state.unlink(missing_ok=True)
+
+
+def remove_job_artefacts(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
+    """Remove a cancelled job's checkpoints (rows, directories, engine copies) and its adapter.
+
+    Args:
+        settings: where the files are.
+        sessions: the database.
+        job_id: the job.
+    """
+    with session_scope(sessions) as session:
+        checkpoints.delete_all(session, job_id)
+        job = session.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
+        base, reserved = (job.model, job.reserved_model) if job is not None else (None, None)
+    folder = checkpoint_dir(settings, job_id)
+    names = []
+    if reserved and folder.is_dir():
+        for path in folder.iterdir():
+            if match := _STEP_DIR.match(path.name):
+                names.append(checkpoint_model_name(reserved, int(match.group(1))))
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
+    (run_dir(settings, job_id) / PAUSE_FILE).unlink(missing_ok=True)
+    if base and names:
+        registry.unload_names(settings, base, names)
