@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.catalog import Catalog
 from loraforge.db.models import Organization
+from loraforge.db.session import session_scope
 from loraforge.errors import AuthenticationError
 from loraforge.orgs import authenticate
 from loraforge.settings import Settings
@@ -46,15 +47,8 @@ ServicesDep = Annotated[Services, Depends(get_services)]
 
 def get_session(services: ServicesDep) -> Iterator[Session]:
     """One session per request, committed when the route returns without error."""
-    session = services.sessions()
-    try:
+    with session_scope(services.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 # scope="function": commit before the response is sent, so a client never reads before our write

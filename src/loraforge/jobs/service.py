@@ -23,7 +23,11 @@ from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 
 
-def _check_training_file(session: Session, org: Organization, file_id: str, param: str) -> FileRecord:
+def _check_training_file(
+    session: Session, org: Organization, file_id: str, param: str, *, refuse_failed: bool = True
+) -> FileRecord:
+    """The org's fine-tune file ``file_id``; a file whose upload check failed is refused unless
+    ``refuse_failed`` is False (the dry run reports on it instead)."""
     record = session.execute(
         select(FileRecord).where(FileRecord.id == file_id, FileRecord.org_id == org.id)
     ).scalar_one_or_none()
@@ -33,7 +37,7 @@ def _check_training_file(session: Session, org: Organization, file_id: str, para
         raise InvalidRequestError(
             f"invalid {param}: {file_id} has purpose '{record.purpose}', expected 'fine-tune'", param=param
         )
-    if record.status == "error":
+    if refuse_failed and record.status == "error":
         raise InvalidRequestError(
             f"invalid {param}: {file_id} failed validation: {record.status_details}", param=param
         )
@@ -88,27 +92,16 @@ def dry_run_job(
     """
     _check_method(params)
     base = resolve_base_model(session, catalog, org, params.model)
-    training = _dry_run_file(session, org, params.training_file, "training_file")
+    training = _check_training_file(session, org, params.training_file, "training_file", refuse_failed=False)
     validation = None
     if params.validation_file:
-        validation = _dry_run_file(session, org, params.validation_file, "validation_file")
+        validation = _check_training_file(
+            session, org, params.validation_file, "validation_file", refuse_failed=False
+        )
     hyper = servable_hyperparameters(catalog, base, params)
     entry = catalog.get(base)
     assert entry is not None
     return datacheck.dry_run(session, settings, blobs, entry, params, hyper, training, validation)
-
-
-def _dry_run_file(session: Session, org: Organization, file_id: str, param: str) -> FileRecord:
-    record = session.execute(
-        select(FileRecord).where(FileRecord.id == file_id, FileRecord.org_id == org.id)
-    ).scalar_one_or_none()
-    if record is None:
-        raise InvalidRequestError(f"invalid {param}: {file_id} (no such file)", param=param)
-    if record.purpose != "fine-tune":
-        raise InvalidRequestError(
-            f"invalid {param}: {file_id} has purpose '{record.purpose}', expected 'fine-tune'", param=param
-        )
-    return record
 
 
 def create_job(session: Session, catalog: Catalog, org: Organization, params: JobCreateParams) -> Job:
