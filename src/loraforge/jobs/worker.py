@@ -171,15 +171,7 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
                     "param": None,
                 }
             session.rollback()
-            transition(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                f"The job failed: {error['message']}",
-                level="error",
-                expect={"worker_id": wid},
-                error=error,
-            )
+            _fail_under_lease(session, job_id, wid, error)
             return None
 
 
@@ -272,6 +264,19 @@ def _pause(
         _abandon(settings, sessions, job_id)
 
 
+def _fail_under_lease(session: Session, job_id: str, wid: str, error: dict[str, str | None]) -> bool:
+    """Move the job to ``failed`` with ``error`` if this worker still holds its lease."""
+    return transition(
+        session,
+        job_id,
+        JobStatus.FAILED,
+        f"The job failed: {error['message']}",
+        level="error",
+        expect={"worker_id": wid},
+        error=error,
+    )
+
+
 def _fail(
     settings: Settings,
     sessions: sessionmaker[Session],
@@ -287,15 +292,7 @@ def _fail(
     }
     error = {"code": error.get("code"), "message": error.get("message"), "param": error.get("param")}
     with session_scope(sessions) as session:
-        ok = transition(
-            session,
-            job_id,
-            JobStatus.FAILED,
-            f"The job failed: {error['message']}",
-            level="error",
-            expect={"worker_id": wid},
-            error=error,
-        )
+        ok = _fail_under_lease(session, job_id, wid, error)
     if ok:
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
     else:

@@ -72,6 +72,20 @@ def _jsonl_checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
         )
 
 
+def check_purpose_and_name(purpose: str, filename: str, *, param: str) -> None:
+    """Refuse an unknown purpose, or a fine-tune file that is not ``.jsonl`` (reported as ``param``)."""
+    if purpose not in UPLOAD_PURPOSES:
+        raise InvalidRequestError(
+            f"'{purpose}' is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'", param="purpose"
+        )
+    if purpose == "fine-tune" and not filename.endswith(".jsonl"):
+        raise InvalidRequestError(
+            f"Invalid file format for fine-tuning: '{filename}'. Upload a .jsonl file.",
+            param=param,
+            code="invalid_file_format",
+        )
+
+
 def create_file(
     session: Session,
     blobs: BlobStore,
@@ -84,16 +98,7 @@ def create_file(
     expires_after_seconds: int | None = None,
 ) -> FileRecord:
     """Store an upload and its record. On any error nothing is left behind."""
-    if purpose not in UPLOAD_PURPOSES:
-        raise InvalidRequestError(
-            f"'{purpose}' is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'", param="purpose"
-        )
-    if purpose == "fine-tune" and not filename.endswith(".jsonl"):
-        raise InvalidRequestError(
-            f"Invalid file format for fine-tuning: '{filename}'. Upload a .jsonl file.",
-            param="file",
-            code="invalid_file_format",
-        )
+    check_purpose_and_name(purpose, filename, param="file")
     file_id = new_id("file-")
     key = f"files/{org.id}/{file_id}"
     chunks = _limited(stream, max_bytes)

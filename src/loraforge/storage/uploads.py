@@ -22,7 +22,7 @@ from loraforge.db.models import FileRecord, Organization, Upload, UploadPart
 from loraforge.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from loraforge.ids import new_id, now
 from loraforge.storage.blobs import CHUNK, BlobStore
-from loraforge.storage.files import UPLOAD_PURPOSES
+from loraforge.storage.files import check_purpose_and_name
 
 PART_MAX_BYTES = 64 * 1024 * 1024
 # OpenAI accepts 8 GB per upload; ``files.bytes`` is a 32-bit INTEGER column on PostgreSQL, so an
@@ -69,16 +69,7 @@ def create_upload(
     Raises:
         InvalidRequestError: unknown purpose, a fine-tune file that is not ``.jsonl``, a bad size.
     """
-    if purpose not in UPLOAD_PURPOSES:
-        raise InvalidRequestError(
-            f"'{purpose}' is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'", param="purpose"
-        )
-    if purpose == "fine-tune" and not filename.endswith(".jsonl"):
-        raise InvalidRequestError(
-            f"Invalid file format for fine-tuning: '{filename}'. Upload a .jsonl file.",
-            param="filename",
-            code="invalid_file_format",
-        )
+    check_purpose_and_name(purpose, filename, param="filename")
     if size < 1 or size > UPLOAD_MAX_BYTES:
         raise InvalidRequestError(f"bytes must be between 1 and {UPLOAD_MAX_BYTES}.", param="bytes")
     created = now()
