@@ -39,6 +39,33 @@ class Hyperparameters(BaseModel):
         return self
 
 
+class TrainPlan(BaseModel):
+    """How a run uses its accelerator: written by the memory planner, read by the trainer.
+
+    The planner (:mod:`loraforge.planner`) chooses it at job creation from the model's size, the
+    LoRA config, the context length and the worker pool's accelerator memory; the default is the
+    plain single-device bf16/fp32 LoRA path the CPU tests use.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # "lora": bf16 (fp32 on CPU) base + LoRA on one device; "qlora": 4-bit NF4 base on one GPU;
+    # "fsdp": bf16 base sharded over num_gpus GPUs (accelerate launch with configs/accelerate/).
+    strategy: Literal["lora", "qlora", "fsdp"] = "lora"
+    num_gpus: int = Field(default=1, ge=0)
+    # Real (non-padding) tokens per packed micro-batch; None means one micro-batch per optimizer
+    # step (all of the step's examples at once), the CPU default.
+    token_budget: int | None = Field(default=None, ge=8)
+    # Recompute activations in backward; only when the memory plan needs it.
+    gradient_checkpointing: bool = False
+    # Padding-free packing: the step's examples concatenated with restarting position ids.
+    packing: bool = True
+    # torch.compile the model (GPU only; ignored on CPU).
+    compile: bool = False
+    # "auto": chunked linear cross-entropy on CUDA (fused kernel when available), plain on CPU.
+    loss: Literal["auto", "chunked", "full"] = "auto"
+
+
 class TrainSpec(BaseModel):
     """Everything one training run needs; the same spec gives the same adapter (on CPU)."""
 
@@ -86,6 +113,8 @@ class TrainSpec(BaseModel):
     pause_file: str | None = None
     # Continued fine-tuning: start from this adapter directory instead of a fresh LoRA init.
     init_adapter: str | None = None
+    # The memory plan (strategy, micro-batch token budget, recompute); see TrainPlan.
+    plan: TrainPlan = Field(default_factory=TrainPlan)
 
     def fingerprint(self, resolved: dict[str, Any] | None = None) -> str:
         """SHA-256 of what decides the training trajectory (not where files go or how it is run).
@@ -112,6 +141,8 @@ class TrainSpec(BaseModel):
             "keep_checkpoints",
             "pause_file",
             "eval_every",
+            # How the math is laid out on the device, not what it computes.
+            "plan",
         }
         fields = self.model_dump(mode="json", exclude=volatile)
         if resolved is not None:
