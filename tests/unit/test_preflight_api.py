@@ -143,7 +143,10 @@ def test_dry_run_matches_the_job_and_stores_nothing(  # type: ignore[no-untyped-
 
     job = client.fine_tuning.jobs.create(model=TINY, training_file=f.id, hyperparameters={"n_epochs": 3})
     assert datacheck.validate_job_files(settings, sessions, job.id) is True
-    assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+    queued = client.fine_tuning.jobs.retrieve(job.id)
+    assert queued.status == "queued"
+    # The job shows the estimate before it runs.
+    assert (queued.model_extra or {})["estimate"] == {**est, "throughput_source": "default"}
     events = [e for e in client.fine_tuning.jobs.list_events(job.id) if e.message.startswith("Pre-flight:")]
     assert len(events) == 1
     assert events[0].data["estimate"] == {**est, "throughput_source": "default"}

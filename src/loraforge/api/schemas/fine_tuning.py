@@ -26,6 +26,9 @@ def job_public(job: Job, org: Organization) -> dict[str, Any]:
         "training_file": job.training_file,
         "validation_file": job.validation_file,
         "estimated_finish": job.estimated_finish,
+        # loraforge extension: the pre-flight estimate (steps, tokens, duration), set once the
+        # files pass validation, so the job shows what it will cost before it runs.
+        "estimate": (job.preflight or {}).get("estimate"),
         "integrations": None,
         "metadata": job.user_metadata,
         "method": job.method,
