@@ -10,10 +10,17 @@ distinct adapters in flight against the base model alone, measured in the same r
     python bench/serve_adapters.py --arch llama-3.1-8b --num-layers 1 --max-tokens 8 --repeats 1
 
 Everything runs in-process through :class:`loraforge.serving.engine.Engine` (its batching
-scheduler, PEFT mixed-adapter batches, the LRU), not over HTTP. Adapters are synthetic: random
-A and B (std ``--lora-std``) on all seven linear projections, written to disk with a manifest like
-the trainer's; before each cold load the adapter files are dropped from the page cache
-(``posix_fadvise(DONTNEED)``, best effort), so "cold" reads them from storage.
+scheduler, the grouped LoRA slots, the LRU), not over HTTP. Decode throughput is measured for both
+of the engine's mixed-batch paths in the same run, each mix alternating between them: ``grouped``
+(slot-stacked LoRA, one gather + two bmm per layer) and ``peft`` (PEFT's ``adapter_names`` loop,
+``Engine(grouped_lora=False)``); ``--paths`` picks one. The reference for every ratio is the bare
+base model (no adapter loaded, so no LoRA layers at all), timed before the adapters are loaded and
+again after they are unloaded.
+
+Adapters are synthetic: random A and B (std ``--lora-std``) on all seven linear projections,
+written to disk with a manifest like the trainer's; before each cold load the adapter files are
+dropped from the page cache (``posix_fadvise(DONTNEED)``, best effort), so "cold" reads them from
+storage.
 """
 
 from __future__ import annotations
@@ -60,7 +67,7 @@ LLAMA_8B = {
 }
 # (label, distinct adapters (0: base), most rows per generate call (0: all in flight)).
 MIXES = (
-    ("base", 0, 0),
+    ("base rows, 8 adapters resident", 0, 0),
     ("1 adapter", 1, 0),
     ("4 adapters", 4, 0),
     ("8 adapters", 8, 0),
@@ -209,46 +216,72 @@ def entry_id(engine: Engine) -> str:
     return engine.entry.id
 
 
+def time_decode(
+    engine: Engine, args: argparse.Namespace, models: list[str], batch_cap: int
+) -> dict[str, float]:
+    """Decode tok/s for ``--concurrency`` requests in flight, request i for ``models[i]``."""
+    engine.scheduler.max_batch_size = batch_cap or max(8, args.concurrency)
+    prepared = [
+        engine.prepare(m, messages(args.prompt_words, i), temperature=0) for i, m in enumerate(models)
+    ]
+
+    def run(max_tokens: int) -> float:
+        sync(args.device)
+        start = time.perf_counter()
+        results = engine.run_many([no_stop(r, max_tokens) for r in prepared])
+        sync(args.device)
+        assert all(r.completion_tokens == max_tokens for r in results)
+        return time.perf_counter() - start
+
+    run(2)  # warm-up
+    before = engine.scheduler.batches_run
+    prefill = statistics.median(run(1) for _ in range(args.repeats))
+    full = statistics.median(run(args.max_tokens) for _ in range(args.repeats))
+    batches = (engine.scheduler.batches_run - before) / (2 * args.repeats)
+    engine.scheduler.max_batch_size = max(8, args.concurrency)
+    return {
+        "batches_per_round": batches,
+        "end_to_end_tok_s": round(args.concurrency * args.max_tokens / full, 1),
+        "decode_tok_s": round(args.concurrency * (args.max_tokens - 1) / max(full - prefill, 1e-9), 1),
+    }
+
+
 def decode_throughput(engine: Engine, args: argparse.Namespace, dirs: list[Path]) -> list[dict[str, Any]]:
-    """(b) ``--concurrency`` requests in flight, spread over 0 (base), 1, 4 or 8 distinct adapters."""
+    """(b) ``--concurrency`` requests in flight, spread over 0 (base), 1, 4 or 8 distinct adapters.
+
+    Each mix is timed once per path in ``--paths``, alternately, on the same resident adapters.
+    """
+    assert not engine.loaded_adapters()  # the bare base first: no LoRA layers in the model
+    base_models = [entry_id(engine)] * args.concurrency
+    bare = [time_decode(engine, args, base_models, 0)]
     names = [f"tp-{i}" for i in range(8)]
     for name, folder in zip(names, dirs, strict=False):
         engine.load_adapter(name, folder)
     rows = []
     for label, n_adapters, batch_cap in MIXES:
-        engine.scheduler.max_batch_size = batch_cap or max(8, args.concurrency)
         models = [names[i % n_adapters] if n_adapters else entry_id(engine) for i in range(args.concurrency)]
-        prepared = [
-            engine.prepare(m, messages(args.prompt_words, i), temperature=0) for i, m in enumerate(models)
-        ]
-
-        def run(max_tokens: int, prepared: list[GenerationRequest] = prepared) -> float:
-            sync(args.device)
-            start = time.perf_counter()
-            results = engine.run_many([no_stop(r, max_tokens) for r in prepared])
-            sync(args.device)
-            assert all(r.completion_tokens == max_tokens for r in results)
-            return time.perf_counter() - start
-
-        run(2)  # warm-up
-        before = engine.scheduler.batches_run
-        prefill = statistics.median(run(1) for _ in range(args.repeats))
-        full = statistics.median(run(args.max_tokens) for _ in range(args.repeats))
-        batches = (engine.scheduler.batches_run - before) / (2 * args.repeats)
-        engine.scheduler.max_batch_size = max(8, args.concurrency)
-        decode_tokens = args.concurrency * (args.max_tokens - 1)
-        rows.append(
-            {
-                "mix": label,
-                "requests_in_flight": args.concurrency,
-                "batches_per_round": batches,
-                "end_to_end_tok_s": round(args.concurrency * args.max_tokens / full, 1),
-                "decode_tok_s": round(decode_tokens / max(full - prefill, 1e-9), 1),
-            }
-        )
-    base_decode = rows[0]["decode_tok_s"]
+        for path in args.paths:
+            engine.grouped_lora = path == "grouped"
+            rows.append({"mix": label, "path": path, **time_decode(engine, args, models, batch_cap)})
+    engine.grouped_lora = True
+    for name in names:
+        engine.unload_adapter(name)
+    bare.append(time_decode(engine, args, base_models, 0))
+    reference = statistics.mean(b["decode_tok_s"] for b in bare)
+    rows.insert(
+        0,
+        {
+            "mix": "bare base (no adapter loaded)",
+            "path": "-",
+            "batches_per_round": 1,
+            "end_to_end_tok_s": round(statistics.mean(b["end_to_end_tok_s"] for b in bare), 1),
+            "decode_tok_s": round(reference, 1),
+            "bare_base_decode_tok_s_before_after": [b["decode_tok_s"] for b in bare],
+        },
+    )
     for row in rows:
-        row["vs_base"] = round(row["decode_tok_s"] / base_decode, 3)
+        row["requests_in_flight"] = args.concurrency
+        row["vs_base"] = round(row["decode_tok_s"] / reference, 3)
     return rows
 
 
@@ -283,6 +316,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prompt-words", type=int, default=24)
     parser.add_argument("--cold", type=int, default=3, help="never-loaded adapters timed in (a)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        choices=["grouped", "peft"],
+        default=["grouped", "peft"],
+        help="mixed-batch paths to time in (b): grouped LoRA slots and/or PEFT's adapter_names loop",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -319,12 +359,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "environment": environment(args),
         }
     print(json.dumps(result, indent=2))
-    print("\n| mix | requests in flight | batches/round | end-to-end tok/s | decode tok/s | vs base |")
-    print("|---|---|---|---|---|---|")
+    print("\n| mix | path | requests in flight | batches/round | end-to-end tok/s | decode tok/s | vs base |")
+    print("|---|---|---|---|---|---|---|")
     for row in throughput:
         print(
-            f"| {row['mix']} | {row['requests_in_flight']} | {row['batches_per_round']:.0f} | "
-            f"{row['end_to_end_tok_s']} | {row['decode_tok_s']} | {row['vs_base']:.2f} |"
+            f"| {row['mix']} | {row['path']} | {row['requests_in_flight']} | "
+            f"{row['batches_per_round']:.0f} | {row['end_to_end_tok_s']} | {row['decode_tok_s']} | "
+            f"{row['vs_base']:.2f} |"
         )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

@@ -181,3 +181,44 @@ def test_adapters_beyond_the_serving_limits_are_refused(tiny, tmp_path):
         assert needle in info.value.message
     assert engine.loaded_adapters() == []
     engine.close()
+
+
+def test_grouped_and_peft_paths_give_the_same_tokens(tiny):
+    """The engine's grouped LoRA slots and PEFT's adapter_names loop agree on a mixed batch."""
+    engine = _engine(tiny, batch_window_s=0.3, max_batch_size=8)
+    engine.load_adapter("a", tiny[2] / "refund")
+    engine.load_adapter("b", tiny[2] / "shipping")
+    plan = [("a", PROMPT), ("b", OTHER_PROMPTS[2]), (BASE, PROMPT), ("b", PROMPT), ("a", OTHER_PROMPTS[0])]
+    requests = [engine.prepare(m, p, temperature=0, max_tokens=32) for m, p in plan]
+    grouped = engine.run_many(requests)
+    engine.grouped_lora = False
+    peft = engine.run_many(requests)
+    assert engine.scheduler.batches_run == 2 and engine.scheduler.largest_batch == len(plan)
+    assert [r.token_ids for r in grouped] == [r.token_ids for r in peft]
+    assert grouped[0].text == ANSWER and grouped[3].text == ANSWER_B
+    engine.close()
+
+
+def test_an_evicted_adapters_slot_serves_the_next_one(tiny):
+    """LRU eviction frees the grouped slot; the adapter loaded next reuses it and answers as itself."""
+    engine = _engine(tiny, max_loaded_adapters=2, batch_window_s=0.3)
+    engine.load_adapter("a", tiny[2] / "refund")
+    engine.load_adapter("b", tiny[2] / "shipping")
+    slots = engine._host.grouped
+    assert slots is not None
+    slot_b = slots.slot_of(peft_adapter_name("b"))
+    engine.generate("a", PROMPT, max_tokens=2)  # "b" becomes the least recently used
+    engine.load_adapter("c", tiny[2] / "refund")  # evicts "b": "c" takes its slot
+    assert engine.loaded_adapters() == ["a", "c"]
+    assert slots.slot_of(peft_adapter_name("c")) == slot_b and slots.slot_of(peft_adapter_name("b")) is None
+    assert slots.num_slots == 3  # slot 0 (base) + max_loaded_adapters: never more
+    mixed = engine.run_many([engine.prepare(m, PROMPT, temperature=0) for m in ("c", BASE, "a")])
+    assert engine.scheduler.largest_batch == 3
+    assert mixed[0].text == ANSWER and mixed[2].text == ANSWER  # not "b"'s shipping answer
+    assert mixed[1].text not in (ANSWER, ANSWER_B)
+    engine.unload_adapter("a")  # slot 1 is freed; "b" comes back into it
+    engine.load_adapter("b", tiny[2] / "shipping")
+    assert slots.slot_of(peft_adapter_name("b")) == 1
+    both = engine.run_many([engine.prepare(m, PROMPT, temperature=0) for m in ("b", "c")])
+    assert [r.text for r in both] == [ANSWER_B, ANSWER]
+    engine.close()

@@ -7,32 +7,30 @@ exactly as it was trained; the base model uses the catalog entry's.
 
 Concurrent requests are coalesced by a :class:`~loraforge.serving.batching.BatchScheduler` into
 one ``generate`` call per batch: rows for different adapters and for the base model share it
-through PEFT's ``adapter_names`` (FACTS_CPU.md §4); streaming requests join batches like the rest.
+through grouped LoRA slots (:mod:`~loraforge.serving.grouped_lora`; PEFT's ``adapter_names``
+with ``grouped_lora=False``); streaming requests join batches like the rest.
 """
 
 from __future__ import annotations
 
-import gc
 import logging
 import queue
 import threading
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import PeftModel
 
 from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
+from loraforge.serving.adapter_host import AdapterHost
 from loraforge.serving.batching import BatchScheduler, Pending
 from loraforge.serving.chat import normalize_messages
 from loraforge.serving.errors import (
     AdapterConflict,
     AdapterNotLoaded,
-    InvalidAdapter,
     InvalidRequest,
     UnknownBaseModel,
 )
@@ -64,6 +62,8 @@ class Engine:
         default_max_tokens: completion budget when a request gives none (capped by the context).
         max_batch_size: most requests in one ``generate`` call.
         batch_window_s: how long the first request of a batch waits for others to join.
+        grouped_lora: run batches through grouped LoRA slots; False: PEFT's own paths (its
+            per-adapter ``adapter_names`` loop). An attribute: it may be switched between batches.
     """
 
     def __init__(
@@ -76,19 +76,20 @@ class Engine:
         default_max_tokens: int = 256,
         max_batch_size: int = 8,
         batch_window_s: float = 0.005,
+        grouped_lora: bool = True,
     ) -> None:
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be >= 1")
         self.entry = entry
         self.max_loaded_adapters = max_loaded_adapters
         self.default_max_tokens = default_max_tokens
-        self._model = model.eval()
+        self.grouped_lora = grouped_lora
+        self._host = AdapterHost(model, max_loaded_adapters)
         self._device = next(model.parameters()).device
         self._tokenizer = tokenizer
         self._pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
-        self._peft = False  # becomes True when the first adapter wraps the base in a PeftModel
         self._adapters: OrderedDict[str, LoadedAdapter] = OrderedDict()  # LRU order, oldest first
         self._model_lock = threading.RLock()  # held for every generate and every PEFT mutation
         self._registry_lock = threading.Lock()  # guards ``_adapters`` (short critical sections)
@@ -101,6 +102,11 @@ class Engine:
         )
 
     # ----------------------------------------------------------------------------- registry
+    @property
+    def _model(self) -> Any:
+        """The model now: the bare base, or the ``PeftModel`` wrapping it while adapters are loaded."""
+        return self._host.model
+
     @property
     def base_model(self) -> str:
         """The public id of the base model."""
@@ -201,19 +207,7 @@ class Engine:
 
     def _attach(self, adapter: LoadedAdapter) -> None:
         """Add ``adapter`` to the model; caller holds the model lock."""
-        key = adapter.peft_name
-        try:
-            if not self._peft:
-                self._model = PeftModel.from_pretrained(
-                    self._model, str(adapter.path), adapter_name=key, is_trainable=False
-                ).eval()
-                self._peft = True
-            else:
-                self._model.load_adapter(str(adapter.path), adapter_name=key, is_trainable=False)
-        except Exception as exc:
-            if self._peft and key in getattr(self._model, "peft_config", {}):
-                self._model.delete_adapter(key)
-            raise InvalidAdapter(f"PEFT could not load the adapter: {exc}") from exc
+        self._host.attach(adapter)
         with self._registry_lock:
             self._adapters[adapter.name] = adapter
 
@@ -222,19 +216,7 @@ class Engine:
         with self._registry_lock:
             last = len(self._adapters) == 1
             adapter = self._adapters.pop(name)
-        if last:
-            # PEFT breaks when its last adapter is deleted: strip the LoRA layers instead.
-            self._model = self._model.unload().eval()
-            self._peft = False
-        else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "deleted the active adapter, switching to ..."
-                self._model.delete_adapter(adapter.peft_name)
-        # The LoRA tensors are unreachable now; collect them (and hand CUDA blocks back) at once
-        # instead of whenever the allocator or the cycle collector gets to it.
-        gc.collect()
-        if self._device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._host.detach(adapter, last)
 
     # --------------------------------------------------------------------------- generation
     def prepare(
@@ -351,10 +333,11 @@ class Engine:
             if not live:
                 return
             stopper = generate_rows(
-                self._model,
+                self._host.model,
                 live,
                 keys,
-                peft=self._peft,
+                peft=self._host.peft,
+                grouped=self._host.grouped if self.grouped_lora else None,
                 pad_token_id=self._pad_id,
                 device=self._device,
                 decode=self._decode,

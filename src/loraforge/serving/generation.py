@@ -17,9 +17,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from loraforge.serving.batching import END, CancelledRow, Pending
 from loraforge.serving.chat import find_stop
-
-# PEFT's name for "no adapter" in ``adapter_names`` (peft.tuners.lora.layer._mixed_batch_forward).
-BASE_ROW = "__base__"
+from loraforge.serving.grouped_lora import BASE_ROW, GroupedLora
 
 
 @dataclass(frozen=True)
@@ -206,21 +204,25 @@ def generate_rows(
     keys: list[str],
     *,
     peft: bool,
+    grouped: GroupedLora | None,
     pad_token_id: int,
     device: torch.device,
     decode: Callable[[Sequence[int]], str],
 ) -> RowStopper:
     """Run ``rows`` with the right adapters: ``keys[i]`` is row i's PEFT adapter (or ``__base__``).
 
-    A uniform batch runs with its adapter active (or all adapters disabled for the base), which
-    is PEFT's fast path; a mixed batch passes the per-row ``adapter_names``. The caller holds the
-    engine's model lock (no adapter may change meanwhile).
+    With ``grouped``, every batch (mixed, one adapter, or all base) runs through the slot-stacked
+    LoRA path, whose cost does not grow with the number of distinct adapters. Without it (or for
+    an adapter it cannot serve) PEFT's own paths run: a uniform batch with its adapter active (or
+    all adapters disabled for the base), a mixed batch with the per-row ``adapter_names``. The
+    caller holds the engine's model lock (no adapter may change meanwhile).
 
     Args:
         model: the base model, or the ``PeftModel`` wrapping it when ``peft``.
         rows: the batch.
         keys: per-row PEFT adapter names.
         peft: whether ``model`` is a ``PeftModel``.
+        grouped: the model's grouped-LoRA slots, or None for PEFT's paths only.
         pad_token_id: left-padding id.
         device: where the model lives.
         decode: ids -> text (stop strings).
@@ -229,6 +231,9 @@ def generate_rows(
         The stopper holding each row's tokens.
     """
     common: dict[str, Any] = {"pad_token_id": pad_token_id, "device": device, "decode": decode}
+    if peft and grouped is not None and grouped.supports(keys):
+        with grouped.route(keys):
+            return generate_batch(model, rows, adapter_names=None, **common)
     if len(set(keys)) > 1:
         return generate_batch(model, rows, adapter_names=keys, **common)
     if keys[0] == BASE_ROW:
