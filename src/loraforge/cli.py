@@ -40,14 +40,32 @@ def api(
 
 @app.command()
 def worker(
-    queues: Annotated[str, typer.Option(help="Comma-separated Celery queues")] = "default,train",
+    pools: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated train pools to serve (default: all, LORAFORGE_TRAIN_POOLS)"),
+    ] = None,
+    queues: Annotated[
+        str | None, typer.Option(help="Comma-separated Celery queues (default: default + train.<pool>)")
+    ] = None,
     concurrency: Annotated[int | None, typer.Option(help="Worker threads")] = None,
 ) -> None:
-    """Run a Celery worker: validates files, runs trainer subprocesses, registers adapters."""
+    """Run a Celery worker: validates files, runs trainer subprocesses, registers adapters.
+
+    It trains the jobs planned onto the pools it serves (queue ``train.<pool>`` each).
+    """
     from loraforge.db.session import migrate
+    from loraforge.planner.pools import resolve_pools
     from loraforge.queue.celery_app import create_celery
+    from loraforge.queue.routing import worker_queues
 
     settings = get_settings()
+    if queues is None:
+        served = [p.strip() for p in pools.split(",") if p.strip()] if pools else None
+        try:
+            queues = ",".join(worker_queues(resolve_pools(settings), served))
+        except ValueError as exc:
+            err.print(f"[red]{exc}[/red]")
+            raise typer.Exit(2) from exc
     migrate(settings)
     celery = create_celery(settings)
     import loraforge.queue.tasks  # noqa: F401 - registers the tasks on the app

@@ -6,11 +6,37 @@ directly in tests.
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class TrainPool(BaseModel):
+    """A group of identical accelerators that training workers serve (one Celery queue).
+
+    A pool is what a job is planned onto: ``count`` devices of ``memory_gib`` each. Jobs planned
+    onto it are queued on ``train.<name>``; ``loraforge worker --pools <name>`` consumes them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Letters, digits, "-" and "_": it becomes part of a queue name (and, with the filesystem
+    # broker, of message file names).
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
+    device: Literal["cuda", "cpu"]
+    # Devices per worker machine (an FSDP job can use up to this many).
+    count: int = Field(default=1, ge=1)
+    # Memory of one device (GiB): a GPU's memory.total as nvidia-smi reports it, or a CPU
+    # worker's RAM.
+    memory_gib: float = Field(gt=0)
+
+    def describe(self) -> str:
+        """E.g. ``gpu (8× cuda 80 GiB)``."""
+        return f"{self.name} ({self.count}× {self.device} {self.memory_gib:g} GiB)"
 
 
 class Settings(BaseSettings):
@@ -51,6 +77,11 @@ class Settings(BaseSettings):
     trainer_python: str = ""
     # Threads for CPU training/inference; 0 leaves torch's default.
     torch_threads: int = 0
+    # Worker pools jobs are planned onto and queued for (``train.<name>``): "auto" (unset)
+    # detects this machine's GPUs with nvidia-smi plus a cpu pool of its RAM
+    # (``loraforge.planner.pools``); or a JSON list of {name, device: cuda|cpu, count,
+    # memory_gib}. Scale-out deployments set the same list for the API and every worker.
+    train_pools: Annotated[list[TrainPool] | None, NoDecode] = None
 
     # Crash recovery. A worker renews the lease of each job it runs every ``heartbeat_seconds``;
     # a reaper (in every worker, every ``reaper_interval_seconds``) re-queues a running job whose
@@ -83,6 +114,21 @@ class Settings(BaseSettings):
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("train_pools", mode="before")
+    @classmethod
+    def _parse_pools(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+            return None
+        return json.loads(value) if isinstance(value, str) else value
+
+    @field_validator("train_pools")
+    @classmethod
+    def _unique_pools(cls, value: list[TrainPool] | None) -> list[TrainPool] | None:
+        names = [pool.name for pool in value or []]
+        if len(set(names)) != len(names):
+            raise ValueError(f"train pool names must be unique, got {names}")
+        return value
 
     @property
     def sqlalchemy_url(self) -> str:

@@ -22,7 +22,11 @@ def modules_after_import(*modules: str) -> set[str]:
 
 def test_api_process_never_imports_torch() -> None:
     loaded = modules_after_import(
-        "loraforge.api.app", "loraforge.cli", "loraforge.queue.dispatch", "loraforge.serving.client"
+        "loraforge.api.app",
+        "loraforge.cli",
+        "loraforge.queue.dispatch",
+        "loraforge.serving.client",
+        "loraforge.planner",
     )
     assert "fastapi" in loaded
     assert not {m for m in loaded if m == "torch" or m.startswith(("torch.", "transformers", "peft"))}

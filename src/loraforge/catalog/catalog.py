@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # All seven linear projections of a Llama block.
 LLAMA_LINEAR_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -19,10 +20,54 @@ class LoraDefaults(BaseModel):
     target_modules: list[str] = Field(default_factory=lambda: list(LLAMA_LINEAR_MODULES))
 
 
+class ModelArch(BaseModel):
+    """The decoder shapes the memory planner needs (Hugging Face ``LlamaConfig`` field names)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden_size: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    num_hidden_layers: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    num_key_value_heads: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    tie_word_embeddings: bool = False
+
+    @property
+    def kv_size(self) -> int:
+        """Width of the k and v projections (grouped-query attention)."""
+        return self.num_key_value_heads * (self.hidden_size // self.num_attention_heads)
+
+
+# Pre-planner catalog strategy names, still accepted in an operator's models.yaml.
+_LEGACY_STRATEGIES = {"bf16_lora": "lora", "cpu": "lora"}
+
+
 class TrainingTarget(BaseModel):
-    strategy: str = "bf16_lora"
-    gpus: int = 1
+    """How a base model trains. The memory planner (``loraforge.planner``) picks the strategy,
+    GPU count and micro-batch size per job; the fields here only constrain or override it."""
+
+    # Weights dtype the trainer loads the base with (and the planner sizes it with).
     dtype: str = "bfloat16"
+    # Devices it may train on, preferred first: a CPU-first model (tiny-llama) plans onto a cpu
+    # pool when there is one; a big model lists only cuda, so it is never sent to a CPU.
+    devices: list[Literal["cuda", "cpu"]] = Field(default_factory=lambda: ["cuda"], min_length=1)
+    # "auto": the planner's preference order (lora, qlora, fsdp); anything else forces that one.
+    strategy: Literal["auto", "lora", "qlora", "fsdp"] = "auto"
+    # FSDP only: use exactly this many GPUs (None: the fewest that fit).
+    gpus: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_strategy(cls, data: Any) -> Any:
+        # ``{strategy: cpu, gpus: 0}`` meant "train on the CPU"; ``bf16_lora`` is now ``lora``.
+        if isinstance(data, dict) and data.get("strategy") in _LEGACY_STRATEGIES:
+            data = dict(data)
+            if data["strategy"] == "cpu":
+                data.setdefault("devices", ["cpu", "cuda"])
+                data.pop("gpus", None)
+            data["strategy"] = _LEGACY_STRATEGIES[data["strategy"]]
+        return data
 
 
 # Modules whose LoRA is an embedding adapter (vLLM serves these only for some models/versions).
@@ -72,6 +117,8 @@ class BaseModelEntry(BaseModel):
     stop_tokens: list[str] = Field(default_factory=list)
     lora: LoraDefaults = Field(default_factory=LoraDefaults)
     training: TrainingTarget = Field(default_factory=TrainingTarget)
+    # Shapes for the memory planner; None: the planner cannot size the model and trusts the pool.
+    arch: ModelArch | None = None
     serving: ServingTarget = Field(default_factory=ServingTarget)
     # Filled in by the loader: the template text itself.
     chat_template_text: str = ""

@@ -14,7 +14,7 @@ from loraforge.db.models import FileRecord, Job, JobEvent, Organization
 from loraforge.db.pagination import paginate
 from loraforge.errors import InvalidRequestError, NotFoundError
 from loraforge.ids import new_id, now
-from loraforge.jobs import checkpoints, datacheck
+from loraforge.jobs import checkpoints, datacheck, planning
 from loraforge.jobs.compat import servable_hyperparameters
 from loraforge.jobs.limits import check_hosted_model_limit
 from loraforge.jobs.params import JobCreateParams
@@ -101,13 +101,18 @@ def dry_run_job(
     hyper = servable_hyperparameters(catalog, base, params)
     entry = catalog.get(base)
     assert entry is not None
-    return datacheck.dry_run(session, settings, blobs, entry, params, hyper, training, validation)
+    plan = planning.plan_for(settings, entry, hyper)  # 400 if no worker pool can train it
+    report = datacheck.dry_run(session, settings, blobs, entry, params, hyper, training, validation)
+    return {**report, "plan": planning.public_plan(plan.to_record())}
 
 
-def create_job(session: Session, catalog: Catalog, org: Organization, params: JobCreateParams) -> Job:
-    """Validate ``params`` against the catalog and the org's files; store the job.
+def create_job(
+    session: Session, catalog: Catalog, settings: Settings, org: Organization, params: JobCreateParams
+) -> Job:
+    """Validate ``params`` against the catalog, the org's files and the worker pools; store the job.
 
     The job starts in ``validating_files``; the caller enqueues its validation task after commit.
+    Every refusal is raised before anything is stored.
     """
     _check_method(params)
     base = resolve_base_model(session, catalog, org, params.model)
@@ -116,6 +121,9 @@ def create_job(session: Session, catalog: Catalog, org: Organization, params: Jo
         _check_training_file(session, org, params.validation_file, "validation_file")
 
     hyper = servable_hyperparameters(catalog, base, params)  # 400 if the LoRA could not be served
+    entry = catalog.get(base)
+    assert entry is not None
+    plan = planning.plan_for(settings, entry, hyper)  # 400 model_too_large_for_workers
     check_hosted_model_limit(session, org)  # 400 hosted_model_limit_reached past the plan's limit
     job = Job(
         id=new_id("ftjob-"),
@@ -133,10 +141,12 @@ def create_job(session: Session, catalog: Catalog, org: Organization, params: Jo
         user_metadata=params.metadata,
         created_at=now(),
         result_files=[],
+        plan=plan.to_record(),
     )
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
+    add_event(session, job.id, f"Planned: {plan.summary()}", data=planning.public_plan(job.plan))
     add_event(session, job.id, f"Validating training file: {job.training_file}")
     session.flush()
     return job

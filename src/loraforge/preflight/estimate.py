@@ -4,7 +4,8 @@ Hyperparameters resolve exactly as the trainer resolves them (``trainer/hyperpar
 steps and trained tokens here are the ones the job then reports. The duration is
 ``startup + processed tokens / throughput``: throughput measured on this deployment's finished jobs
 for the same base model when there are any, else a per-training-strategy default (rough: a
-starting point, refined by every job that finishes).
+starting point, refined by every job that finishes). The strategy is the memory planner's for one
+80 GB GPU (``planner.plan.nominal_strategy``): the pre-flight also runs offline, with no pools.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraforge.catalog.catalog import BaseModelEntry
+from loraforge.planner.plan import nominal_strategy
 from loraforge.trainer.hyperparams import auto_batch_size, auto_n_epochs, steps_per_epoch
 
 # strategy -> (startup seconds: process, model load; tokens per second: forward + backward).
 # cpu: tiny-llama on 2 cores (FACTS_CPU §3: ~0.02-0.1 s per 4 x 87-token step, ~8 s of imports).
+# fsdp: 70B bf16 over 4 GPUs (PERF.md §3: ~786 tokens/s per H100 for FSDP+QLoRA 70B).
 DEFAULT_THROUGHPUT: dict[str, tuple[float, float]] = {
     "cpu": (8.0, 4000.0),
-    "bf16_lora": (120.0, 6000.0),
+    "lora": (120.0, 6000.0),
     "qlora": (420.0, 700.0),
+    "fsdp": (600.0, 3000.0),
 }
 _FALLBACK = (120.0, 2000.0)
 # A validation pass (forward only, once per epoch) costs about a third of a training pass.
@@ -35,12 +39,12 @@ class Throughput:
 
 def default_throughput(entry: BaseModelEntry) -> Throughput:
     """The catalog strategy's default tokens per second."""
-    return Throughput(DEFAULT_THROUGHPUT.get(entry.training.strategy, _FALLBACK)[1], "default")
+    return Throughput(DEFAULT_THROUGHPUT.get(nominal_strategy(entry), _FALLBACK)[1], "default")
 
 
 def startup_seconds(entry: BaseModelEntry) -> float:
     """Seconds a run spends before its first step (process start, model load)."""
-    return DEFAULT_THROUGHPUT.get(entry.training.strategy, _FALLBACK)[0]
+    return DEFAULT_THROUGHPUT.get(nominal_strategy(entry), _FALLBACK)[0]
 
 
 def _requested(hyper: dict[str, Any], key: str) -> Any:

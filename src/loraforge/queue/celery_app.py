@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from celery import Celery
 
+from loraforge.queue.routing import DEFAULT_QUEUE
 from loraforge.settings import Settings
-
-DEFAULT_QUEUE = "default"
-TRAIN_QUEUE = "train"
 
 
 def create_celery(settings: Settings) -> Celery:
     app = Celery("loraforge", broker=settings.celery_broker_url)
     conf: dict[str, object] = {
+        # Training tasks name their queue when sent (``train.<pool>`` of the job's plan,
+        # queue/routing.py); everything else goes to the default queue.
         "task_default_queue": DEFAULT_QUEUE,
-        "task_routes": {"loraforge.train_job": {"queue": TRAIN_QUEUE}},
         "task_ignore_result": True,
         "task_acks_late": True,
         "worker_prefetch_multiplier": 1,

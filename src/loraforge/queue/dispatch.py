@@ -5,6 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from loraforge.queue.celery_app import create_celery
+from loraforge.queue.routing import train_queue
 from loraforge.settings import Settings
 
 
@@ -19,6 +20,6 @@ class CeleryDispatcher:
         """Queue the pre-flight validation of an uploaded fine-tune file."""
         self._app.send_task("loraforge.validate_file", args=[file_id])
 
-    def train_job(self, job_id: str) -> None:
-        """Queue the training task of a resumed (paused -> queued) job."""
-        self._app.send_task("loraforge.train_job", args=[job_id])
+    def train_job(self, job_id: str, pool: str) -> None:
+        """Queue the training task of a resumed (paused -> queued) job for its pool's workers."""
+        self._app.send_task("loraforge.train_job", args=[job_id], queue=train_queue(pool))

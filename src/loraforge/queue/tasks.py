@@ -9,8 +9,9 @@ from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.jobs import datacheck, worker
+from loraforge.jobs import datacheck, planning, worker
 from loraforge.jobs.reaper import Reaper
+from loraforge.queue.routing import train_queue
 from loraforge.settings import get_settings
 from loraforge.webhooks import delivery
 from loraforge.webhooks.sweeper import Sweeper
@@ -25,7 +26,13 @@ def _sessions() -> sessionmaker[Session]:
 def validate_job_task(job_id: str) -> None:
     """Check the job's files; if they pass, queue the training task."""
     if worker.validate_job(get_settings(), _sessions(), job_id):
-        train_job_task.delay(job_id)
+        queue_training(job_id)
+
+
+def queue_training(job_id: str) -> None:
+    """Send the job's training task to the queue of the pool its memory plan chose."""
+    pool = planning.pool_of(get_settings(), _sessions(), job_id)
+    train_job_task.apply_async(args=[job_id], queue=train_queue(pool))
 
 
 @shared_task(name="loraforge.validate_file", acks_late=True)
@@ -57,4 +64,4 @@ def _start_webhook_sweeper(**_: object) -> None:
 def _start_reaper(**_: object) -> None:
     """Each worker process reconciles jobs once at start, then re-queues stale ones periodically
     (``loraforge.jobs.reaper``: a SIGKILLed worker's tasks are never redelivered by Celery)."""
-    Reaper(get_settings(), _sessions(), train=train_job_task.delay, validate=validate_job_task.delay).start()
+    Reaper(get_settings(), _sessions(), train=queue_training, validate=validate_job_task.delay).start()

@@ -13,6 +13,7 @@ from loraforge.api.schemas.common import list_page
 from loraforge.api.schemas.fine_tuning import checkpoint_public, event_public, job_public
 from loraforge.jobs import checkpoints, control, service
 from loraforge.jobs.params import JobCreateParams
+from loraforge.jobs.planning import job_pool
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"])
 
@@ -29,7 +30,7 @@ def create_job(
     """
     if params.dry_run:
         return service.dry_run_job(session, services.catalog, services.settings, services.blobs, org, params)
-    job = service.create_job(session, services.catalog, org, params)
+    job = service.create_job(session, services.catalog, services.settings, org, params)
     session.commit()
     services.dispatcher.validate_job(job.id)
     return job_public(job, org)
@@ -88,7 +89,7 @@ def resume_job(services: ServicesDep, session: SessionDep, org: OrgDep, job_id: 
     """Resume a paused job: it is queued again and continues from its pause checkpoint."""
     job = control.resume_job(session, org, job_id)
     session.commit()
-    services.dispatcher.train_job(job.id)
+    services.dispatcher.train_job(job.id, job_pool(services.settings, job))
     return job_public(job, org)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraforge.db.models import Job, JobCheckpoint, JobEvent, Organization
+from loraforge.jobs.planning import public_plan
 
 
 def job_public(job: Job, org: Organization) -> dict[str, Any]:
@@ -29,6 +30,9 @@ def job_public(job: Job, org: Organization) -> dict[str, Any]:
         # loraforge extension: the pre-flight estimate (steps, tokens, duration), set once the
         # files pass validation, so the job shows what it will cost before it runs.
         "estimate": (job.preflight or {}).get("estimate"),
+        # loraforge extension: the memory plan chosen at creation (pool, strategy, GPUs, token
+        # budget, activation checkpointing, estimated peak memory per component).
+        "plan": public_plan(job.plan),
         "integrations": None,
         "metadata": job.user_metadata,
         "method": job.method,

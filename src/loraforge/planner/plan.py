@@ -1,0 +1,262 @@
+"""Choose how a job trains: which worker pool, which strategy, how many GPUs, what micro-batch.
+
+Preference order (the first that fits a micro-batch of ``max_seq_length`` tokens wins):
+
+1. ``lora``: the base in its catalog dtype (bf16) on one device: the fastest per token and the
+   only option on a CPU pool.
+2. ``qlora``: the base in 4-bit NF4 on one GPU (70B on one 80 GB GPU).
+3. ``fsdp``: the bf16 base sharded over the fewest GPUs of one pool (2, 4, 8, ... up to the
+   pool's count) that fit.
+
+Fewer GPUs come first (a 70B job on an 8 x 80 GB pool is QLoRA on one of them, leaving seven for
+other jobs), then bf16 over 4-bit. A catalog entry can force a strategy (``training.strategy``,
+e.g. ``fsdp`` for bf16 70B) and FSDP's GPU count (``training.gpus``). Within a strategy the pools
+are tried in the entry's ``training.devices`` order, then in the configured order.
+
+Activation checkpointing is on only when a micro-batch of ``max_seq_length`` tokens does not fit
+without it (recompute costs a third more FLOPs for LoRA, PERF.md §4). The token budget is the
+largest micro-batch (real tokens, packed) that fits, rounded down to a multiple of 256 and capped
+at ``TOKEN_BUDGET_CAP``: past a few thousand tokens a micro-batch already fills an H100, and a
+bigger one only buys fewer optimizer-step boundaries. Consequence: the budget of a plan is
+monotone in device memory only for a fixed strategy and checkpointing choice; when more memory
+lets checkpointing go (or bf16 replace NF4), the budget may shrink while the run gets faster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from loraforge.catalog.catalog import BaseModelEntry
+from loraforge.planner.memory import ALLOCATOR_HEADROOM, GIB, MemoryEstimate, RunShape, Strategy, estimate
+from loraforge.settings import TrainPool
+from loraforge.trainer.spec import TrainPlan
+
+TOKEN_BUDGET_CAP = 32768
+TOKEN_BUDGET_STEP = 256
+PREFERENCE: tuple[Strategy, ...] = ("lora", "qlora", "fsdp")
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """The planner's answer: where the job runs, how, and what it should cost."""
+
+    pool: TrainPool
+    train_plan: TrainPlan
+    # None when the catalog entry has no ``arch`` (the model could not be sized).
+    estimate: MemoryEstimate | None
+
+    def summary(self) -> str:
+        """One line for the job's events, e.g. ``lora on 1× cuda 80 GiB (pool gpu), token budget
+        8,448, no activation checkpointing; est. peak 71 GiB``."""
+        p, plan = self.pool, self.train_plan
+        where = (
+            f"{p.device} {p.memory_gib:g} GiB"
+            if p.device == "cpu"
+            else f"{max(plan.num_gpus, 1)}× cuda {p.memory_gib:g} GiB"
+        )
+        budget = (
+            f"token budget {plan.token_budget:,}"
+            if plan.token_budget is not None
+            else "one micro-batch per step"
+        )
+        ckpt = "activation checkpointing" if plan.gradient_checkpointing else "no activation checkpointing"
+        peak = (
+            f"est. peak {self.estimate.peak / GIB:.0f} GiB"
+            if self.estimate is not None
+            else "memory not estimated (no arch in the catalog)"
+        )
+        return f"{plan.strategy} on {where} (pool {p.name}), {budget}, {ckpt}; {peak}"
+
+    def to_record(self) -> dict[str, Any]:
+        """What the job stores: the trainer's plan, the pool, and the estimate."""
+        return {
+            **self.train_plan.model_dump(mode="json"),
+            "pool": self.pool.name,
+            "device": self.pool.device,
+            "memory_gib": self.pool.memory_gib,
+            "estimated_peak_gib": round(self.estimate.peak / GIB, 2) if self.estimate else None,
+            "breakdown_gib": self.estimate.breakdown_gib() if self.estimate else None,
+            "summary": self.summary(),
+        }
+
+
+@dataclass(frozen=True)
+class NoFit:
+    """Why nothing fits: the smallest single-GPU need and the pools that were tried."""
+
+    # Device memory one GPU would need (cheapest single-GPU strategy, a max_seq_length micro-batch,
+    # checkpointing on, headroom included); None when only FSDP was allowed.
+    required_gib: float | None
+    strategy: Strategy | None
+    pools: tuple[TrainPool, ...]
+    eligible_devices: tuple[str, ...]
+
+
+def _gpu_counts(pool: TrainPool, strategy: Strategy, forced: int | None) -> Iterator[int]:
+    if strategy != "fsdp":
+        yield 1
+        return
+    if forced is not None:
+        if 2 <= forced <= pool.count:
+            yield forced
+        return
+    n = 2
+    while n < pool.count:
+        yield n
+        n *= 2
+    if pool.count >= 2:
+        yield pool.count
+
+
+def _largest_fitting(fits: Callable[[int], bool], lo: int, cap: int) -> int:
+    """Largest multiple of ``TOKEN_BUDGET_STEP`` in ``[lo, cap]`` that fits, or ``lo`` (which fits)."""
+    # Memory grows with tokens and lo fits: binary search between a step count that fits (good)
+    # and one past the cap (bad).
+    good, bad = lo // TOKEN_BUDGET_STEP, cap // TOKEN_BUDGET_STEP + 1
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if fits(mid * TOKEN_BUDGET_STEP):
+            good = mid
+        else:
+            bad = mid
+    return max(lo, good * TOKEN_BUDGET_STEP)
+
+
+def plan_on(
+    shape: RunShape, pool: TrainPool, strategy: Strategy, num_gpus: int, max_seq_length: int
+) -> JobPlan | None:
+    """The plan for one (pool, strategy, GPU count), or None if ``max_seq_length`` tokens don't fit.
+
+    Args:
+        shape: the model, LoRA and dtype.
+        pool: the worker pool.
+        strategy: ``lora``, ``qlora`` or ``fsdp``.
+        num_gpus: GPUs used (1 unless FSDP).
+        max_seq_length: the longest example, which must fit in one micro-batch.
+
+    Returns:
+        The plan with its estimate at the token budget (CPU: at ``max_seq_length``), or None.
+    """
+    device = pool.device
+
+    def at(tokens: int, ckpt: bool) -> MemoryEstimate:
+        return estimate(
+            shape, strategy=strategy, device=device, tokens=tokens, checkpointing=ckpt, num_devices=num_gpus
+        )
+
+    for ckpt in (False, True):
+        if not at(max_seq_length, ckpt).fits(pool.memory_gib):
+            continue
+        budget: int | None = None
+        tokens = max_seq_length
+        if device == "cuda":
+            cap = max(TOKEN_BUDGET_CAP, max_seq_length)
+            fits = lambda n, c=ckpt: at(n, c).fits(pool.memory_gib)  # noqa: E731
+            budget = tokens = _largest_fitting(fits, max_seq_length, cap)
+        plan = TrainPlan(
+            strategy=strategy,
+            num_gpus=num_gpus if device == "cuda" else 0,
+            token_budget=budget,
+            gradient_checkpointing=ckpt,
+        )
+        return JobPlan(pool=pool, train_plan=plan, estimate=at(tokens, ckpt))
+    return None
+
+
+def _ordered_pools(entry: BaseModelEntry, pools: Sequence[TrainPool]) -> list[TrainPool]:
+    devices = entry.training.devices
+    eligible = [p for p in pools if p.device in devices]
+    return sorted(eligible, key=lambda p: devices.index(p.device))  # stable: config order kept
+
+
+def plan_job(
+    entry: BaseModelEntry,
+    pools: Sequence[TrainPool],
+    *,
+    lora_r: int,
+    target_modules: Sequence[str],
+    max_seq_length: int,
+) -> JobPlan | NoFit:
+    """Plan a job on ``entry`` onto one of ``pools`` (module docstring for the order).
+
+    Args:
+        entry: the base model (``arch``, ``training`` overrides).
+        pools: the deployment's worker pools.
+        lora_r: the job's LoRA rank.
+        target_modules: the job's LoRA target modules (explicit names).
+        max_seq_length: the job's longest example in tokens.
+
+    Returns:
+        The plan, or :class:`NoFit` saying what would be needed.
+    """
+    ordered = _ordered_pools(entry, pools)
+    if entry.arch is None:
+        # Nothing to size the model with: trust the operator's catalog and take the first pool.
+        if not ordered:
+            return NoFit(None, None, tuple(pools), tuple(entry.training.devices))
+        pool = ordered[0]
+        plan = TrainPlan(num_gpus=1 if pool.device == "cuda" else 0)
+        return JobPlan(pool=pool, train_plan=plan, estimate=None)
+    shape = RunShape(entry.arch, lora_r, tuple(target_modules), entry.training.dtype)
+    forced = entry.training.strategy
+    strategies = PREFERENCE if forced == "auto" else (forced,)
+    for strategy in strategies:
+        for pool in ordered:
+            if strategy != "lora" and pool.device != "cuda":
+                continue  # NF4 kernels and NCCL sharding are GPU-only
+            for n in _gpu_counts(pool, strategy, entry.training.gpus):
+                found = plan_on(shape, pool, strategy, n, max_seq_length)
+                if found is not None:
+                    return found
+    return _no_fit(entry, shape, strategies, tuple(pools), max_seq_length)
+
+
+def _no_fit(
+    entry: BaseModelEntry,
+    shape: RunShape,
+    strategies: tuple[Strategy, ...],
+    pools: tuple[TrainPool, ...],
+    max_seq_length: int,
+) -> NoFit:
+    best: tuple[float, Strategy] | None = None
+    for strategy in strategies:
+        if strategy == "fsdp":
+            continue  # its need depends on the GPU count; the single-GPU figure is the clear one
+        peak = estimate(
+            shape, strategy=strategy, device="cuda", tokens=max_seq_length, checkpointing=True
+        ).peak
+        need = peak / (1 - ALLOCATOR_HEADROOM) / GIB
+        if best is None or need < best[0]:
+            best = (need, strategy)
+    return NoFit(
+        required_gib=best[0] if best else None,
+        strategy=best[1] if best else None,
+        pools=pools,
+        eligible_devices=tuple(entry.training.devices),
+    )
+
+
+# A single 80 GB GPU: what the duration estimate assumes when no pool is known (preflight).
+NOMINAL_GPU = TrainPool(name="nominal", device="cuda", count=1, memory_gib=80)
+NOMINAL_CPU = TrainPool(name="nominal-cpu", device="cpu", count=1, memory_gib=64)
+
+
+def nominal_strategy(entry: BaseModelEntry) -> str:
+    """How ``entry`` trains with its catalog LoRA on its preferred device, deployment aside.
+
+    ``cpu`` for a CPU-first model, else the strategy planned for one 80 GB GPU (``lora``,
+    ``qlora``), ``fsdp`` when even that does not fit. The pre-flight's default throughput is
+    looked up by it.
+    """
+    if entry.training.devices[0] == "cpu":
+        return "cpu"
+    result = plan_job(
+        entry,
+        [NOMINAL_GPU],
+        lora_r=entry.lora.r,
+        target_modules=entry.lora.target_modules,
+        max_seq_length=entry.max_seq_length,
+    )
+    return result.train_plan.strategy if isinstance(result, JobPlan) else "fsdp"
