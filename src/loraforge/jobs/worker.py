@@ -25,13 +25,15 @@ from loraforge.db.models import FileRecord, Job, Organization
 from loraforge.db.session import session_scope
 from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
-from loraforge.jobs import artefacts, datacheck, results
+from loraforge.jobs import artefacts, datacheck, planning, results
 from loraforge.jobs.naming import fine_tuned_model_name
 from loraforge.jobs.progress import RunProgress
 from loraforge.jobs.state import JobStatus, add_event, transition
 from loraforge.jobs.trainer_process import TrainerProcess
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
+from loraforge.trainer.launch import launch_command
+from loraforge.trainer.spec import load_spec
 
 log = logging.getLogger(__name__)
 
@@ -89,11 +91,22 @@ def _write_spec(settings: Settings, session: Session, job: Job, run_dir: Path) -
         "init_adapter": _init_adapter(session, job),
         # LoRA knobs and schedule are top-level TrainSpec fields (absent: the catalog's defaults).
         **{k: job.hyperparameters[k] for k in _SPEC_KNOBS if job.hyperparameters.get(k) is not None},
+        # The memory plan made at creation: strategy, GPUs, token budget, checkpointing; and the
+        # device of the pool it was planned for (a cpu-pool job stays on the CPU even where the
+        # worker also sees a GPU). A job created before plans keeps the defaults.
+        **_plan_fields(job),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "spec.json"
     path.write_text(json.dumps(spec, indent=2))
     return path
+
+
+def _plan_fields(job: Job) -> dict[str, object]:
+    plan = planning.train_plan(job)
+    if plan is None or job.plan is None:
+        return {}
+    return {"plan": plan.model_dump(mode="json"), "device": job.plan.get("device", "auto")}
 
 
 def _init_adapter(session: Session, job: Job) -> str | None:
@@ -188,7 +201,9 @@ def run_training(settings: Settings, sessions: sessionmaker[Session], job_id: st
     if spec_path is None:
         return
     folder = artefacts.run_dir(settings, job_id)
-    cmd = [settings.trainer_python or sys.executable, "-m", "loraforge.trainer", str(spec_path)]
+    # One process, or `accelerate launch` with one process per GPU when the plan shards (FSDP).
+    plan = load_spec(spec_path).plan
+    cmd = launch_command(spec_path, plan, python=settings.trainer_python or sys.executable)
     trainer = TrainerProcess(cmd, folder / "trainer.log", folder / artefacts.PAUSE_FILE)
     run = RunProgress(settings, sessions, job_id)
     pause_deadline: float | None = None

@@ -6,6 +6,10 @@ go to stderr. SIGTERM stops the run promptly without writing the adapter (exit 1
 When ``LORAFORGE_TRAINER_PARENT_PID`` is set (the worker sets it), the trainer dies with that
 process: ``PR_SET_PDEATHSIG`` on Linux, and a watcher thread everywhere (a SIGKILLed worker must
 not leave a trainer holding the accelerator, nor one racing the run that resumes the job).
+
+Under ``accelerate launch`` (FSDP; see :mod:`loraforge.trainer.launch`) there is one such process
+per GPU, each a child of the launcher, not of the worker: they watch the worker's pid instead of
+their parent, only rank 0 prints JSON lines and only local rank 0 takes the run lock.
 """
 
 from __future__ import annotations
@@ -48,12 +52,45 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise TrainingCancelled(f"received signal {signum}")
 
 
+def _launched_rank() -> tuple[int, int] | None:
+    """``(rank, local_rank)`` when started by a launcher (torchrun / accelerate launch), else None."""
+    if "LOCAL_RANK" not in os.environ:
+        return None
+    return int(os.environ.get("RANK", "0")), int(os.environ["LOCAL_RANK"])
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _die_with_parent() -> None:
     """Exit when the process named by ``LORAFORGE_TRAINER_PARENT_PID`` is gone."""
     raw = os.environ.get(PARENT_PID_ENV, "")
     if not raw.isdigit():
         return
     parent = int(raw)
+    if _launched_rank() is not None:
+        # Our parent is the launcher, a child of the worker; follow the launcher at once and
+        # the worker by polling its pid (the launcher itself does not die with the worker).
+        if sys.platform.startswith("linux"):
+            libc_name = ctypes.util.find_library("c")
+            if libc_name:
+                ctypes.CDLL(libc_name, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+        def watch_worker() -> None:
+            while _pid_alive(parent):
+                time.sleep(PARENT_POLL_SECONDS)
+            logger.error("worker process %d is gone; stopping", parent)
+            os._exit(EXIT_ORPHANED)
+
+        threading.Thread(target=watch_worker, name="worker-watch", daemon=True).start()
+        return
     if sys.platform.startswith("linux"):
         libc_name = ctypes.util.find_library("c")
         if libc_name:
@@ -81,6 +118,9 @@ def _hold_run_lock(spec: TrainSpec) -> TextIO | None:
     """
     if not spec.checkpoint_dir:
         return None
+    launched = _launched_rank()
+    if launched is not None and launched[1] != 0:
+        return None  # the ranks of one run share it; local rank 0 holds it for all of them
     import fcntl
 
     path = Path(spec.checkpoint_dir).parent / LOCK_FILE
@@ -106,6 +146,11 @@ def _claim_stdout() -> TextIO:
 
 
 def _emitter(out: TextIO) -> Callable[[dict[str, Any]], None]:
+    launched = _launched_rank()
+    if launched is not None and launched[0] != 0:
+        # One run, one stream of lines: ranks other than 0 compute the same global metrics.
+        return lambda event: None
+
     def emit(event: dict[str, Any]) -> None:
         out.write(json.dumps(event) + "\n")
         out.flush()

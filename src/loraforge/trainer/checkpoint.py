@@ -153,6 +153,7 @@ def save_checkpoint(
     manifest: AdapterManifest,
     info: dict[str, Any],
     state: dict[str, Any],
+    adapter_state: dict[str, Any] | None = None,
 ) -> CheckpointInfo:
     """Write one checkpoint atomically.
 
@@ -162,6 +163,8 @@ def save_checkpoint(
         manifest: the adapter manifest for this checkpoint (metrics and steps so far).
         info: ``step``, ``epoch``, ``kind``, ``fingerprint``, ``metrics`` for ``checkpoint.json``.
         state: optimizer/scheduler state, :class:`Position` fields and RNG states.
+        adapter_state: the LoRA weights when the model's own are FSDP shards (gathered by
+            :func:`loraforge.trainer.distributed.adapter_state_dict`); None: the model's.
 
     Returns:
         The checkpoint written.
@@ -170,7 +173,7 @@ def save_checkpoint(
     final = root / dir_name(int(info["step"]))
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=root))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=adapter_state)
         (tmp / "README.md").unlink(missing_ok=True)
         write_manifest(tmp, manifest)
         torch.save(state, tmp / TRAINER_STATE)

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
 from loraforge.trainer import checkpoint as ckpt
-from loraforge.trainer.data import IGNORE_INDEX, TokenizedExample, collate
+from loraforge.trainer import distributed as dist
+from loraforge.trainer.data import TokenizedExample
+from loraforge.trainer.packing import MicroBatch, shard_for_rank, step_micro_batches
+from loraforge.trainer.step import StepStats, forward_backward
 
 if TYPE_CHECKING:
     from loraforge.trainer.recipe import TrainingRun
@@ -35,27 +37,41 @@ DONE = "done"
 PAUSED = "paused"
 
 
-def _forward(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int]:
-    """Summed next-token CE over labelled tokens, number correct (argmax), number labelled."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1, :].float()
-    labels = batch["labels"][:, 1:]
-    valid = labels != IGNORE_INDEX
-    loss_sum = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    correct = ((logits.argmax(dim=-1) == labels) & valid).sum()
-    return loss_sum, int(correct.item()), int(valid.sum().item())
-
-
 def _batches(
     examples: list[TokenizedExample], order: list[int], batch_size: int
 ) -> list[list[TokenizedExample]]:
     return [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
 
 
-def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: value.to(device) for key, value in batch.items()}
+def micro_batches(run: TrainingRun, examples: list[TokenizedExample]) -> list[MicroBatch]:
+    """This rank's micro-batches of one step's (or one evaluation batch's) examples, per the plan.
+
+    Args:
+        run: the prepared run.
+        examples: the step's examples (all ranks').
+
+    Returns:
+        The micro-batches to run on this process.
+    """
+    plan = run.spec.plan
+    return step_micro_batches(
+        shard_for_rank(examples, dist.rank(), dist.world_size()),
+        packing=plan.packing,
+        token_budget=plan.token_budget,
+        pad_token_id=run.tokenizer.pad_token_id,
+        pad_to_multiple=run.pad_to_multiple,
+    )
+
+
+def _run_step(run: TrainingRun, examples: list[TokenizedExample], *, train: bool) -> StepStats:
+    return forward_backward(
+        run.loss_module,
+        micro_batches(run, examples),
+        device=run.accelerator.device,
+        backward=run.accelerator.backward if train else None,
+        compute_dtype=run.compute_dtype,
+        pad_token_id=run.tokenizer.pad_token_id,
+    )
 
 
 def evaluate(run: TrainingRun, examples: list[TokenizedExample] | None = None) -> dict[str, float]:
@@ -69,17 +85,14 @@ def evaluate(run: TrainingRun, examples: list[TokenizedExample] | None = None) -
         ``{"valid_loss", "valid_mean_token_accuracy"}``.
     """
     examples = run.valid_set[:VALID_SAMPLE] if examples is None else examples
-    pad_id = run.tokenizer.pad_token_id
-    loss_total, correct_total, count_total = 0.0, 0, 0
+    loss_total, correct_total, count_total = 0.0, 0.0, 0
     run.model.eval()
     with torch.no_grad():
         for chunk in _batches(examples, list(range(len(examples))), run.hyperparameters.batch_size):
-            loss_sum, correct, count = _forward(
-                run.model, _to_device(collate(chunk, pad_id), run.accelerator.device)
-            )
-            loss_total += loss_sum.item()
-            correct_total += correct
-            count_total += count
+            stats = _run_step(run, chunk, train=False)
+            loss_total += stats.loss * stats.n_targets
+            correct_total += stats.accuracy * stats.n_targets
+            count_total += stats.n_targets
     run.model.train()
     return {
         "valid_loss": loss_total / max(count_total, 1),
@@ -88,7 +101,12 @@ def evaluate(run: TrainingRun, examples: list[TokenizedExample] | None = None) -
 
 
 def _pause_requested(run: TrainingRun) -> bool:
-    return bool(run.spec.pause_file) and os.path.exists(str(run.spec.pause_file))
+    asked = bool(run.spec.pause_file) and os.path.exists(str(run.spec.pause_file))
+    if dist.world_size() == 1:
+        return asked
+    # Every rank must stop at the same step (or the others hang in the next collective).
+    flag = torch.tensor([int(asked)], device=run.accelerator.device)
+    return bool(dist.all_reduce(flag, op="max").item())
 
 
 def _checkpoint(run: TrainingRun, kind: str, generator: torch.Generator, emit: Emit) -> Path | None:
@@ -114,20 +132,27 @@ def _checkpoint(run: TrainingRun, kind: str, generator: torch.Generator, emit: E
             "order": pos.order,
             "generator_state": generator.get_state(),
         },
-        "optimizer": run.optimizer.state_dict(),
+        "optimizer": dist.optimizer_state(run.loss_module, run.optimizer),
         "scheduler": run.scheduler.state_dict(),
         "rng": ckpt.rng_state(),
         "metrics": dict(run.metrics),
     }
     root = Path(run.spec.checkpoint_dir)
+    # Gathering FSDP shards is a collective: every rank takes part, rank 0 writes.
+    adapter_state = dist.adapter_state_dict(run.model)
+    run.last_checkpoint_step = step
+    if not dist.is_main():
+        dist.barrier()
+        return None
     written = ckpt.save_checkpoint(
         root,
-        model=run.accelerator.unwrap_model(run.model),
+        model=run.model,
         manifest=build_manifest(run, metrics, steps=step),
         info=info,
         state=state,
+        adapter_state=adapter_state,
     )
-    run.last_checkpoint_step = step
+    dist.barrier()
     removed = ckpt.prune(root, run.spec.keep_checkpoints, step)
     emit(
         {
@@ -154,18 +179,12 @@ def _metrics_line(run: TrainingRun, epoch: int) -> dict[str, Any]:
 
 
 def _train_step(run: TrainingRun, chunk: list[TokenizedExample], params: list[Any]) -> None:
-    batch = _to_device(collate(chunk, run.tokenizer.pad_token_id), run.accelerator.device)
-    loss_sum, correct, count = _forward(run.model, batch)
-    loss = loss_sum / max(count, 1)
-    run.accelerator.backward(loss)
+    stats = _run_step(run, chunk, train=True)
     run.accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    run.step_metrics = {
-        "train_loss": float(loss.item()),
-        "train_mean_token_accuracy": correct / max(count, 1),
-    }
+    run.step_metrics = {"train_loss": stats.loss, "train_mean_token_accuracy": stats.accuracy}
     run.metrics.update(run.step_metrics)
 
 

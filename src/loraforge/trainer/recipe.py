@@ -1,8 +1,12 @@
 """The LoRA recipe: ``train(spec, emit)`` = setup -> train -> save -> cleanup.
 
-An explicit Accelerate + PEFT loop (no ``transformers.Trainer``): one process, one device. The
-loss is the mean cross-entropy over assistant tokens only (labels != -100); the same spec gives
-the same loss sequence on CPU (seeded LoRA init, seeded data order, no other randomness).
+An explicit Accelerate + PEFT loop (no ``transformers.Trainer``): one process on one device, or
+one process per GPU under ``accelerate launch`` for ``plan.strategy == "fsdp"``. The loss is the
+mean cross-entropy over assistant tokens only (labels != -100); the same spec gives the same loss
+sequence on CPU (seeded LoRA init, seeded data order, no other randomness).
+
+``spec.plan`` decides the micro-batch layout (:mod:`.packing`), the loss (:mod:`.loss`), and
+dtype, attention, QLoRA, recompute and compile (:mod:`.device_setup`).
 
 ``setup`` starts from the newest checkpoint in ``spec.checkpoint_dir`` written by the same spec
 (crash recovery, resume after pause), else from ``spec.init_adapter`` (continued fine-tuning),
@@ -33,11 +37,14 @@ from loraforge.adapters.format import (
     write_manifest,
 )
 from loraforge.catalog.catalog import BaseModelEntry, load_catalog
-from loraforge.catalog.loading import load_model, load_tokenizer
+from loraforge.catalog.loading import load_tokenizer
 from loraforge.trainer import checkpoint as ckpt
+from loraforge.trainer import distributed as dist
 from loraforge.trainer.data import TokenizedExample, TrainingDataError, read_chat_jsonl, tokenize_dataset
+from loraforge.trainer.device_setup import compute_dtype, load_base, make_optimizer, prepare_for_training
 from loraforge.trainer.hyperparams import ResolvedHyperparameters, resolve_hyperparameters, steps_per_epoch
 from loraforge.trainer.loop import DONE, train_loop
+from loraforge.trainer.loss import CausalLMLoss, resolve_loss_mode
 from loraforge.trainer.spec import TrainSpec
 from loraforge.trainer.start import build_model
 
@@ -46,6 +53,9 @@ logger = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], None]
 
 # Gradient norm is clipped at 1.0 in the loop; weight decay and warmup come from the spec.
+# Packed rows on CUDA are rounded up to a multiple of flex_attention's 128-token block: fewer
+# distinct shapes to compile for, at most 127 filler tokens per micro-batch.
+PACK_MULTIPLE_CUDA = 128
 
 
 def warmup_schedule(warmup_ratio: float, total_steps: int) -> Callable[[int], float]:
@@ -82,6 +92,12 @@ class TrainingRun:
     train_tokens_per_epoch: int
     # Identifies checkpoints this run may resume (spec + resolved hyperparameters).
     fingerprint: str
+    # The module the loop calls (the PEFT model + its loss; what accelerate prepares under FSDP).
+    loss_module: Any = None
+    # Autocast dtype (bf16 on CUDA with a bf16 or 4-bit base; None: plain fp32).
+    compute_dtype: torch.dtype | None = None
+    # Packed rows are rounded up to this many tokens with a filler document (CUDA; None on CPU).
+    pad_to_multiple: int | None = None
     # Where the loop starts (step 0 or a checkpoint's position) and where it is.
     position: ckpt.Position = field(default_factory=ckpt.Position)
     # RNG states to restore right before the first step of a resumed run.
@@ -105,7 +121,7 @@ def _resolve_device(device: str) -> str:
 def _restore(run: TrainingRun, resume: ckpt.CheckpointInfo) -> None:
     """Load optimizer, scheduler, data position, metrics and RNG states from ``resume``."""
     state = ckpt.load_training_state(resume)
-    run.optimizer.load_state_dict(state["optimizer"])
+    dist.load_optimizer_state(run.loss_module, run.optimizer, state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.position = ckpt.Position(**state["position"])
     run.resume_rng = state["rng"]
@@ -159,16 +175,22 @@ def setup(spec: TrainSpec) -> TrainingRun:
     total_steps = hp.n_epochs * steps_per_epoch(len(train_set), hp.batch_size)
 
     device = _resolve_device(spec.device)
+    plan = spec.plan
+    # Under `accelerate launch` (FSDP) the Accelerator reads the plugin and ranks from the env.
     accelerator = Accelerator(cpu=device == "cpu")
-    base = load_model(entry, models_dir, device=str(accelerator.device))
+    world = dist.world_size()
+    base = load_base(entry, models_dir, accelerator.device, plan)
+    dtype = compute_dtype(accelerator.device.type, next(base.parameters()).dtype, plan.strategy)
     fingerprint = spec.fingerprint(hp.model_dump())
     model, lora, resume = build_model(spec, entry, base, fingerprint)
+    model = prepare_for_training(model, plan, accelerator.device.type, dtype)
+    loss_mode = resolve_loss_mode(plan.loss, accelerator.device.type, world)
+    loss_module: Any = CausalLMLoss(model, loss_mode)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(
-        params, lr=hp.learning_rate, weight_decay=spec.weight_decay, fused=accelerator.device.type == "cuda"
-    )
+    optimizer = make_optimizer(params, hp.learning_rate, spec.weight_decay, accelerator.device.type)
+    if world > 1:  # FSDP shards the loss module (decoder layers as units) and the optimizer
+        loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(spec.warmup_ratio, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
     run = TrainingRun(
         spec=spec,
         entry=entry,
@@ -184,13 +206,22 @@ def setup(spec: TrainSpec) -> TrainingRun:
         total_steps=total_steps,
         train_tokens_per_epoch=train_tokens,
         fingerprint=fingerprint,
+        loss_module=loss_module,
+        compute_dtype=dtype,
+        pad_to_multiple=PACK_MULTIPLE_CUDA if plan.packing and accelerator.device.type == "cuda" else None,
     )
     if resume is not None:
         _restore(run, resume)
     logger.info(
-        "setup: %s on %s, %d examples (%d trained tokens/epoch), %s, %d steps, %d trainable params, from %s",
+        "setup: %s on %s x%d (%s, loss %s, attention %s, autocast %s), %d examples "
+        "(%d trained tokens/epoch), %s, %d steps, %d trainable params, from %s",
         entry.id,
         accelerator.device,
+        world,
+        plan.model_dump(),
+        loss_mode,
+        base.config._attn_implementation,
+        dtype,
         len(train_set),
         train_tokens,
         hp.model_dump(),
@@ -264,12 +295,17 @@ def save(run: TrainingRun, metrics: dict[str, float]) -> AdapterManifest:
         The manifest written.
     """
     final = Path(run.spec.output_dir).resolve()
+    # Gathering FSDP shards is a collective: every rank takes part, rank 0 writes.
+    adapter_state = dist.adapter_state_dict(run.model)
+    if not dist.is_main():
+        dist.barrier()
+        return build_manifest(run, metrics, steps=run.total_steps)
     final.parent.mkdir(parents=True, exist_ok=True)
     for leftover in final.parent.glob(f".{final.name}.partial-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
-        run.accelerator.unwrap_model(run.model).save_pretrained(tmp)
+        run.model.save_pretrained(tmp, state_dict=adapter_state)
         (tmp / "README.md").unlink(missing_ok=True)
         manifest = build_manifest(run, metrics, steps=run.total_steps)
         write_manifest(tmp, manifest)
@@ -280,6 +316,7 @@ def save(run: TrainingRun, metrics: dict[str, float]) -> AdapterManifest:
         _install(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
     logger.info("adapter written to %s", final)
     return manifest
 
@@ -290,7 +327,7 @@ def cleanup(run: TrainingRun) -> None:
     Args:
         run: the finished (or failed) run.
     """
-    run.model = run.optimizer = run.scheduler = None
+    run.model = run.optimizer = run.scheduler = run.loss_module = None
     run.accelerator.free_memory()
 
 

@@ -1,0 +1,171 @@
+"""How the model is loaded and set up for the device and plan: attention, dtype, QLoRA, recompute, compile.
+
+* Attention: ``flex_attention`` on CUDA, ``sdpa`` on CPU. Both honour packed documents (the
+  restarting position ids become a per-document mask), but sdpa can only take that mask as a dense
+  ``[T, T]`` tensor, which on the GPU halved throughput next to flex's block-sparse mask
+  (FACTS_GPU: 4.2k vs 8.6k tokens/s on 8B); flex_attention has no backward on CPU (torch 2.13),
+  and there the dense mask costs nothing that matters.
+* Dtype: on CUDA a bf16 base, LoRA parameters kept fp32 (PEFT's default: AdamW updates of ~1e-4
+  relative size vanish in bf16) and the forward under bf16 autocast, with PEFT's cast of each
+  LoRA input to fp32 switched off: that cast would keep an fp32/bf16 copy of every adapted
+  layer's input for backward (~2.4 MB per token on 8B). On CPU everything stays fp32.
+* QLoRA: the base loaded 4-bit NF4 through transformers' ``BitsAndBytesConfig`` (double quant,
+  bf16 compute), then PEFT's ``prepare_model_for_kbit_training``; bitsandbytes imported lazily.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraforge.catalog.catalog import BaseModelEntry
+from loraforge.trainer.distributed import world_size
+from loraforge.trainer.spec import TrainPlan
+
+logger = logging.getLogger(__name__)
+
+
+def attn_implementation(device_type: str) -> str:
+    """The attention kernel for packed training on ``device_type`` (see the module docstring).
+
+    Args:
+        device_type: ``cpu`` or ``cuda``.
+
+    Returns:
+        ``flex_attention`` (CUDA with flex available) or ``sdpa``.
+    """
+    if device_type == "cuda":
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401 - availability check
+        except ImportError:
+            return "sdpa"
+        return "flex_attention"
+    return "sdpa"
+
+
+def compute_dtype(device_type: str, base_dtype: torch.dtype, strategy: str = "lora") -> torch.dtype | None:
+    """The autocast dtype: bf16 on CUDA for a bf16 (or 4-bit) base, None otherwise (exact fp32).
+
+    Args:
+        device_type: ``cpu`` or ``cuda``.
+        base_dtype: dtype the base weights were loaded in.
+        strategy: ``TrainPlan.strategy`` (QLoRA computes in bf16 whatever its storage).
+
+    Returns:
+        ``torch.bfloat16`` or None.
+    """
+    if device_type != "cuda":
+        return None
+    if strategy == "qlora" or base_dtype == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        import bitsandbytes  # noqa: F401 - only checks that QLoRA can run
+    except ImportError as exc:
+        raise RuntimeError(
+            "strategy 'qlora' needs the bitsandbytes package on the worker "
+            "(pip install bitsandbytes; the GPU machines have no registry: carry its wheel)"
+        ) from exc
+
+
+def load_base(entry: BaseModelEntry, models_dir: Path, device: torch.device, plan: TrainPlan) -> Any:
+    """Load the base model for ``plan`` on ``device`` with the device's attention kernel.
+
+    Args:
+        entry: the catalog entry.
+        models_dir: where builtin models are built.
+        device: the process's device (under FSDP: loaded on CPU, accelerate shards it).
+        plan: the run's memory plan.
+
+    Returns:
+        The causal LM (not yet wrapped by PEFT).
+
+    Raises:
+        RuntimeError: QLoRA without CUDA or without bitsandbytes.
+    """
+    from loraforge.catalog.loading import load_model, resolve_weights
+
+    attn = attn_implementation(device.type)
+    if plan.strategy == "qlora":
+        if device.type != "cuda":
+            raise RuntimeError("strategy 'qlora' needs a CUDA device (bitsandbytes 4-bit kernels)")
+        _require_bitsandbytes()
+        from peft import prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_weights(entry, models_dir),
+            quantization_config=quant,
+            dtype=torch.bfloat16,
+            device_map={"": device.index or 0},
+            attn_implementation=attn,
+        )
+        return prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=plan.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    # FSDP over several processes: every rank loads on CPU (with fsdp_cpu_ram_efficient_loading
+    # only rank 0 holds real weights) and accelerate.prepare shards onto the GPUs.
+    target = "cpu" if plan.strategy == "fsdp" and world_size() > 1 else str(device)
+    model = load_model(entry, models_dir, device=target)
+    if model.config._attn_implementation != attn:
+        model.set_attn_implementation(attn)
+    return model
+
+
+def prepare_for_training(model: Any, plan: TrainPlan, device_type: str, dtype: torch.dtype | None) -> Any:
+    """Recompute, LoRA input casting and compile, on the PEFT model, as the plan says.
+
+    Args:
+        model: the PEFT model (LoRA layers injected).
+        plan: the run's memory plan.
+        device_type: ``cpu`` or ``cuda``.
+        dtype: the autocast dtype from :func:`compute_dtype` (None: no autocast).
+
+    Returns:
+        ``model`` (changed in place).
+    """
+    if plan.gradient_checkpointing:
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and with compile.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if dtype is not None:
+        # Under autocast the LoRA matmuls run in ``dtype`` anyway; PEFT's upcast of the input
+        # to the fp32 adapter weights would only add a saved copy per adapted layer.
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
+    if plan.compile and device_type == "cuda":
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        # Per decoder layer (as torchtitan does): one small graph reused by every layer; mask
+        # building, the chunked loss and PEFT's Python bookkeeping stay eager.
+        for layer in base.get_decoder().layers:
+            layer.compile()
+    return model
+
+
+def make_optimizer(params: list[Any], lr: float, weight_decay: float, device_type: str) -> torch.optim.AdamW:
+    """AdamW over the LoRA parameters; the fused CUDA kernel on GPU (one launch for all tensors).
+
+    Args:
+        params: the trainable parameters.
+        lr: learning rate.
+        weight_decay: decoupled weight decay.
+        device_type: ``cpu`` or ``cuda``.
+
+    Returns:
+        The optimizer.
+    """
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device_type == "cuda")
