@@ -10,6 +10,7 @@
 #      an H200 per FACTS_GPU) in a subprocess on the same card: the ratio;
 #   2. the same with activation checkpointing (the <= 40 GiB configuration);
 #   3. token budget 8k, no checkpointing;
+#   3b. bench/serve_adapters.py on the 8B architecture (issue 7);
 #   4. tests/gpu (fast path vs CPU loss curve, flex document isolation, bf16 vs fp32);
 #   5. Llama-3.3-70B truncated to 4 and 8 layers, bf16 LoRA + checkpointing, extrapolated to 80
 #      layers (FSDP per-GPU memory = weights / N + the rest);
@@ -68,6 +69,10 @@ BENCH="$PY bench/train_throughput.py --loss $LOSS"
 step 8b_tb16k_baseline 240 $BENCH --arch llama-3.1-8b --token-budget 16384 --steps 8 --baseline
 step 8b_tb16k_ac 120 $BENCH --arch llama-3.1-8b --token-budget 16384 --steps 5 --grad-ckpt
 step 8b_tb8k 120 $BENCH --arch llama-3.1-8b --token-budget 8192 --steps 5
+# Issue 7: serving an 8B base with synthetic r16 adapters (cold load -> first token; decode with
+# 1/4/8 adapters vs the base, grouped and PEFT paths in the same run).
+step serve_8b 180 $PY bench/serve_adapters.py --arch llama-3.1-8b --device cuda --dtype bfloat16 \
+  --repeats 3 --cold 3 --json "$OUT_DIR/serve_8b.json"
 step gpu_pytest 150 $PY -m pytest tests/gpu -q -rs -p no:cacheprovider
 step 70b_lora_L4_L8 150 $BENCH --arch llama-3.3-70b --layers 4,8 --token-budget 8192 --steps 4 --grad-ckpt
 if $PY -c 'import bitsandbytes' 2>/dev/null; then
