@@ -8,6 +8,7 @@
 #   1. Llama-3.1-8B, loraforge path: packing + chunked CE + flex + bf16, token budget 16k, no
 #      activation checkpointing -- with the naive baseline (LAYERS=32 BATCHES=8 STEPS=8, ~60 s on
 #      an H200 per FACTS_GPU) in a subprocess on the same card: the ratio;
+#   1b. token budget 4k, no checkpointing (small micro-batches instead of recompute);
 #   2. the same with activation checkpointing (the <= 40 GiB configuration);
 #   3. token budget 8k, no checkpointing;
 #   3b. bench/serve_adapters.py on the 8B architecture (issue 7);
@@ -67,6 +68,8 @@ step() {
 
 BENCH="$PY bench/train_throughput.py --loss $LOSS"
 step 8b_tb16k_baseline 240 $BENCH --arch llama-3.1-8b --token-budget 16384 --steps 8 --baseline
+# The <= 40 GiB candidate without recompute: the planner puts ~3,300 tokens per micro-batch there.
+step 8b_tb4k 120 $BENCH --arch llama-3.1-8b --token-budget 4096 --steps 8
 step 8b_tb16k_ac 120 $BENCH --arch llama-3.1-8b --token-budget 16384 --steps 5 --grad-ckpt
 step 8b_tb8k 120 $BENCH --arch llama-3.1-8b --token-budget 8192 --steps 5
 # Issue 7: serving an 8B base with synthetic r16 adapters (cold load -> first token; decode with
