@@ -229,3 +229,28 @@ def test_validation_file_is_checked_the_same_way(  # type: ignore[no-untyped-def
     events = {e.message.split(":")[0]: e for e in client.fine_tuning.jobs.list_events(job.id)}
     assert events["validation_file"].level == "error"
     assert events["validation_file"].data["validation_file"][0]["code"] == "invalid_weight"
+
+
+def test_a_job_cancelled_during_its_preflight_gets_no_event_after_the_cancellation(  # type: ignore[no-untyped-def]
+    api: TestClient,
+    make_key,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = sdk(api, make_key("acme"))
+    f = client.files.create(file=("t.jsonl", io.BytesIO(to_jsonl(chat_examples(12)))), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model=TINY, training_file=f.id)
+    real_check = datacheck.run_check
+
+    def cancelled_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        check = real_check(*args, **kwargs)
+        assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"  # lands mid-check
+        return check
+
+    monkeypatch.setattr(datacheck, "run_check", cancelled_meanwhile)
+    assert datacheck.validate_job_files(settings, sessions, job.id) is False
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]  # newest first
+    assert messages[0] == "The job was cancelled", messages
+    assert not any(m.startswith("Pre-flight:") for m in messages)
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"

@@ -246,13 +246,18 @@ def validate_job_files(settings: Settings, sessions: sessionmaker[Session], job_
                 ),
                 data=compact(check),
             )
-        return transition(
+        if transition(
             session,
             job_id,
             JobStatus.QUEUED,
             "Files validated, moving job to queued state",
             preflight=compact(check),
-        )
+        ):
+            return True
+        # Cancelled while its files were being checked: write nothing after the cancellation
+        # (the estimate event above included).
+        session.rollback()
+        return False
 
 
 def dry_run(
