@@ -222,3 +222,27 @@ def test_an_evicted_adapters_slot_serves_the_next_one(tiny):
     both = engine.run_many([engine.prepare(m, PROMPT, temperature=0) for m in ("b", "c")])
     assert [r.text for r in both] == [ANSWER_B, ANSWER]
     engine.close()
+
+
+def test_a_failed_slot_allocation_leaves_no_half_loaded_adapter(tiny, monkeypatch):
+    """If the slot stacks cannot grow (e.g. out of memory), the load fails cleanly: the adapter is
+    gone from PEFT too, so loading it again later works."""
+    engine = _engine(tiny, batch_window_s=0.0)
+    engine.load_adapter("a", tiny[2] / "refund")
+    slots = engine._host.grouped
+    assert slots is not None
+    real_add = type(slots).add
+
+    def out_of_memory(self, name):  # type: ignore[no-untyped-def]
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(type(slots), "add", out_of_memory)
+    with pytest.raises(InvalidAdapter, match="out of memory"):
+        engine.load_adapter("b", tiny[2] / "shipping")
+    assert engine.loaded_adapters() == ["a"]
+    assert peft_adapter_name("b") not in engine._host.model.peft_config
+    monkeypatch.setattr(type(slots), "add", real_add)
+    engine.load_adapter("b", tiny[2] / "shipping")  # the same name loads now
+    out = engine.run_many([engine.prepare(m, PROMPT, temperature=0) for m in ("a", "b")])
+    assert [r.text for r in out] == [ANSWER, ANSWER_B]
+    engine.close()

@@ -8,6 +8,7 @@ under its model lock.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import warnings
 from typing import Any
@@ -65,7 +66,15 @@ class AdapterHost:
                 self.model.delete_adapter(key)
             raise InvalidAdapter(f"PEFT could not load the adapter: {exc}") from exc
         if self.grouped is not None:
-            self.grouped.add(key)  # False for adapters PEFT's path must serve: still servable
+            try:
+                self.grouped.add(key)  # False for adapters PEFT's path must serve: still servable
+            except Exception as exc:
+                # E.g. out of memory growing the slot stacks: leave no half-registered adapter
+                # behind (a retry under the same name would collide inside PEFT).
+                with contextlib.suppress(Exception):  # best effort: the stacks may be short
+                    self.grouped.remove(key)
+                self.model.delete_adapter(key)
+                raise InvalidAdapter(f"could not make room for the adapter: {exc}") from exc
 
     def detach(self, adapter: LoadedAdapter, last: bool) -> None:
         """Delete ``adapter`` from the model and its slot, releasing the memory at once.
