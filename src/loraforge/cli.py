@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -119,8 +120,31 @@ def engine(
     )
 
 
-def _spawn(args: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "loraforge", *args])
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "loraforge", *args], env=env)
+
+
+def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
+    """The environment of each ``serve`` child (``engine``, ``worker``, ``api``).
+
+    The pools are resolved once, here, and handed to every child as ``LORAFORGE_TRAIN_POOLS``:
+    were the API and the worker to detect them each on its own, a detection that failed or
+    differed in one of them would plan jobs onto a queue the worker does not consume. Detected
+    pools leave the engine its GPU (``planner.pools.serve_layout``).
+
+    Args:
+        settings: this process's settings.
+
+    Returns:
+        Child name -> its full environment.
+    """
+    from loraforge.catalog import load_catalog
+    from loraforge.planner.pools import serve_layout
+
+    layout = serve_layout(settings, load_catalog(settings.models_config).get(settings.serve_base_model))
+    pools = json.dumps([pool.model_dump(mode="json") for pool in layout.pools])
+    common = {**os.environ, "LORAFORGE_TRAIN_POOLS": pools}
+    return {"engine": {**common, **layout.engine_env}, "worker": common, "api": common}
 
 
 @app.command()
@@ -130,14 +154,12 @@ def serve() -> None:
 
     settings = get_settings()
     migrate(settings)
-    children = {
-        "engine": _spawn(["engine"]),
-        "worker": _spawn(["worker"]),
-        "api": _spawn(["api"]),
-    }
+    envs = serve_children_env(settings)
+    children = {name: _spawn([name], envs[name]) for name in ("engine", "worker", "api")}
     err.print(
         f"[bold]loraforge[/bold] API on http://{settings.api_host}:{settings.api_port}/v1, engine for "
-        f"{settings.serve_base_model} on :{settings.engine_port}, home {settings.home}"
+        f"{settings.serve_base_model} on :{settings.engine_port}, home {settings.home}, "
+        f"train pools {envs['api']['LORAFORGE_TRAIN_POOLS']}"
     )
     stopping = False
 
@@ -180,7 +202,7 @@ def validate(
     """Validate a training file locally and count its tokens: what a job (or a dry run) reports."""
     from loraforge.preflight.console import run_validate
 
-    hyper = {"n_epochs": n_epochs or "auto", "batch_size": batch_size or "auto"}
+    hyper: dict[str, int | str | None] = {"n_epochs": n_epochs or "auto", "batch_size": batch_size or "auto"}
     hyper["max_seq_length"] = max_seq_length
     code = run_validate(
         get_settings(),

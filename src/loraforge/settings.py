@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -33,6 +33,16 @@ class TrainPool(BaseModel):
     # Memory of one device (GiB): a GPU's memory.total as nvidia-smi reports it, or a CPU
     # worker's RAM.
     memory_gib: float = Field(gt=0)
+    # A cuda pool's GPUs on each of its worker machines, as a trainer's CUDA_VISIBLE_DEVICES names
+    # them (indices in nvidia-smi order, or UUIDs): the devices a worker leases to one trainer at a
+    # time. None: the first ``count`` GPUs the worker sees (its CUDA_VISIBLE_DEVICES, else 0..).
+    devices: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _devices_match(self) -> TrainPool:
+        if self.devices is not None and (self.device != "cuda" or len(self.devices) != self.count):
+            raise ValueError(f"pool {self.name}: `devices` lists the `count` GPUs of a cuda pool")
+        return self
 
     def describe(self) -> str:
         """E.g. ``gpu (8× cuda 80 GiB)``."""
@@ -82,6 +92,9 @@ class Settings(BaseSettings):
     # (``loraforge.planner.pools``); or a JSON list of {name, device: cuda|cpu, count,
     # memory_gib}. Scale-out deployments set the same list for the API and every worker.
     train_pools: Annotated[list[TrainPool] | None, NoDecode] = None
+    # A cuda job whose GPUs another trainer on this host holds stays queued and its train task is
+    # sent again after this many seconds (``jobs/scheduling.py``).
+    gpu_wait_seconds: float = 10.0
 
     # Crash recovery. A worker renews the lease of each job it runs every ``heartbeat_seconds``;
     # a reaper (in every worker, every ``reaper_interval_seconds``) re-queues a running job whose

@@ -33,7 +33,12 @@ def test_api_process_never_imports_torch() -> None:
 
 
 def test_worker_never_imports_torch() -> None:
-    loaded = modules_after_import("loraforge.queue.tasks", "loraforge.jobs.worker")
+    loaded = modules_after_import(
+        "loraforge.queue.tasks",
+        "loraforge.jobs.worker",
+        "loraforge.jobs.gpu_leases",
+        "loraforge.jobs.scheduling",
+    )
     assert "celery" in loaded
     assert "torch" not in loaded and "transformers" not in loaded
 

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.api.app import create_app
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.jobs.planning import CODE, job_pool
+from loraforge.jobs.planning import CODE, dispatch_pool
 from loraforge.jobs.worker import _write_spec
 from loraforge.queue import tasks
 from loraforge.queue.dispatch import CeleryDispatcher
@@ -137,7 +137,9 @@ def test_training_is_queued_on_the_queue_of_the_planned_pool(  # type: ignore[no
     sent: list[tuple[list[str], str]] = []
     monkeypatch.setattr(tasks, "get_settings", lambda: settings)
     monkeypatch.setattr(tasks, "_sessions", lambda: sessions)
-    monkeypatch.setattr(tasks.train_job_task, "apply_async", lambda args, queue: sent.append((args, queue)))
+    monkeypatch.setattr(
+        tasks.train_job_task, "apply_async", lambda args, queue, countdown: sent.append((args[:1], queue))
+    )
     tasks.queue_training(tiny)
     tasks.queue_training(big)
     assert sent == [([tiny], "train.cpu"), ([big], "train.gpu")]
@@ -149,11 +151,14 @@ def test_training_is_queued_on_the_queue_of_the_planned_pool(  # type: ignore[no
     assert client.fine_tuning.jobs.resume(tiny).status == "queued"
     assert dispatcher.trained == [tiny] and dispatcher.train_pools == ["cpu"]
 
-    # A job created before plans trains on the first configured pool.
+    # A job created before plans is planned when it is dispatched (tests below).
     with sessions() as session:
         session.execute(update(Job).where(Job.id == big).values(plan=None))
         session.commit()
-        assert job_pool(settings, session.execute(select(Job).where(Job.id == big)).scalar_one()) == "gpu"
+        assert (
+            dispatch_pool(settings, session, session.execute(select(Job).where(Job.id == big)).scalar_one())
+            == "gpu"
+        )
 
 
 def test_the_celery_dispatcher_puts_training_on_the_pool_queue(settings: Settings) -> None:

@@ -12,10 +12,10 @@ import pytest
 from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.errors import InvalidRequestError
 from loraforge.jobs.planning import CODE, plan_for
-from loraforge.planner import JobPlan, NoFit, plan_job
+from loraforge.planner import JobPlan, NoFit, gpus, plan_job
 from loraforge.planner.memory import GIB, RunShape, estimate, lora_params, total_params
 from loraforge.planner.plan import TOKEN_BUDGET_CAP, TOKEN_BUDGET_STEP, plan_on
-from loraforge.planner.pools import detect_pools, gpu_memories_gib, resolve_pools
+from loraforge.planner.pools import resolve_pools
 from loraforge.settings import Settings, TrainPool
 
 CATALOG = load_catalog()
@@ -162,6 +162,12 @@ def test_tiny_llama_plans_onto_the_cpu_pool_in_fp32() -> None:
     assert "one micro-batch per step" in result.summary()
     # Without a cpu pool it trains on the GPU.
     assert planned(TINY, gpu(1, 80)).pool.device == "cuda"
+    # A CPU step is one padded micro-batch of the whole batch: sized at batch x max_seq_length
+    # (batch "auto" at its largest, the entry's max_batch_size).
+    assert result.estimate.tokens == TINY.max_batch_size * TINY.max_seq_length
+    two = plan_job(TINY, [CPU], lora_r=16, target_modules=ALL_LINEAR, max_seq_length=512, batch_size=2)
+    assert isinstance(two, JobPlan) and two.estimate is not None and two.estimate.tokens == 1024
+    assert isinstance(plan(LLAMA8B, gpu(1, 80)), JobPlan)  # GPU plans do not depend on the batch
 
 
 @pytest.mark.parametrize("entry", [LLAMA8B, LLAMA70B], ids=["8B", "70B"])
@@ -256,23 +262,28 @@ def test_auto_pools_read_nvidia_smi_and_ram(monkeypatch: pytest.MonkeyPatch, tmp
     """Detection without torch: nvidia-smi's MiB per GPU (CUDA_VISIBLE_DEVICES honoured) + RAM."""
     _fake_nvidia_smi(tmp_path, "81559\\n81559\\n143771\\n")
     monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert gpu_memories_gib() == [79.6, 79.6, 140.4]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2")
-    assert gpu_memories_gib() == [140.4]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert gpu_memories_gib() == []
+    out = "81559\n81559\n143771\n"
+    assert gpus.visible(gpus.parse_memories(out), None) == [
+        gpus.Gpu("0", 79.6),
+        gpus.Gpu("1", 79.6),
+        gpus.Gpu("2", 140.4),
+    ]
+    assert gpus.visible(gpus.parse_memories(out), "2") == [gpus.Gpu("2", 140.4)]
+    assert gpus.visible(gpus.parse_memories(out), "") == []
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
-    detect_pools.cache_clear()
+    gpus.forget()
     try:
         pools = resolve_pools(Settings(home=tmp_path))
     finally:
-        detect_pools.cache_clear()
-    assert pools[0] == gpu(2, 79.6)
+        gpus.forget()
+    assert pools[0] == TrainPool(name="gpu", device="cuda", count=2, memory_gib=79.6, devices=("0", "1"))
     assert pools[1].name == "cpu" and pools[1].device == "cpu" and pools[1].memory_gib > 0.5
     # No nvidia-smi at all: only the cpu pool.
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    assert gpu_memories_gib() == []
+    try:
+        assert [p.name for p in resolve_pools(Settings(home=tmp_path))] == ["cpu"]
+    finally:
+        gpus.forget()
 
 
 def _saved_bytes_per_token_per_layer(arch: dict[str, int], stock: bool, tokens: int = 64) -> float:

@@ -25,10 +25,13 @@ PARENT_PID_ENV = "LORAFORGE_TRAINER_PARENT_PID"  # read by loraforge.trainer.__m
 class TrainerProcess:
     """``python -m loraforge.trainer SPEC`` and a thread that turns its stdout into messages."""
 
-    def __init__(self, cmd: list[str], log_path: Path, pause_file: Path) -> None:
+    def __init__(
+        self, cmd: list[str], log_path: Path, pause_file: Path, env: dict[str, str] | None = None
+    ) -> None:
+        """Start ``cmd``; ``env`` is added to this process's environment (e.g. the leased GPUs)."""
         self._log = log_path.open("ab")
         self.pause_file = pause_file
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
+        env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", PARENT_PID_ENV: str(os.getpid())}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=env)
         self.messages: Queue[dict[str, Any]] = Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)

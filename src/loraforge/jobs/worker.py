@@ -25,7 +25,8 @@ from loraforge.db.models import FileRecord, Job, Organization
 from loraforge.db.session import session_scope
 from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
-from loraforge.jobs import artefacts, datacheck, planning, results
+from loraforge.jobs import artefacts, datacheck, planning, results, scheduling
+from loraforge.jobs.gpu_leases import GpuLease
 from loraforge.jobs.naming import fine_tuned_model_name
 from loraforge.jobs.progress import RunProgress
 from loraforge.jobs.state import JobStatus, add_event, transition
@@ -188,8 +189,36 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
             return None
 
 
-def run_training(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
-    """``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``paused``.
+def run_training(
+    settings: Settings, sessions: sessionmaker[Session], job_id: str, wait_token: int | None = None
+) -> int | None:
+    """``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``paused``, once its GPUs are free.
+
+    A cuda job first leases ``plan.num_gpus`` GPUs of this host (``jobs/scheduling.py``) and its
+    trainer sees only those (``CUDA_VISIBLE_DEVICES``); while they are busy the job stays queued.
+
+    Args:
+        settings: the worker's settings.
+        sessions: the database.
+        job_id: the job.
+        wait_token: what the previous copy of this task returned, if it was a re-send.
+
+    Returns:
+        None, or, when the job waits for GPUs, the token the re-sent train task must carry.
+    """
+    admission = scheduling.admit(settings, sessions, job_id)
+    if admission.wait:
+        return scheduling.keep_waiting(sessions, job_id, wait_token)
+    try:
+        _run(settings, sessions, job_id, admission.lease)
+    finally:
+        if admission.lease is not None:
+            admission.lease.release()  # the trainer has exited: the GPUs are free again
+    return None
+
+
+def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease: GpuLease | None) -> None:
+    """Start the job and supervise its trainer, on the ``lease``d GPUs if it has any.
 
     Polls the database every ``cancel_poll_seconds``: renews the lease every
     ``heartbeat_seconds``, stops the trainer when the job was cancelled or taken over, and asks it
@@ -203,8 +232,12 @@ def run_training(settings: Settings, sessions: sessionmaker[Session], job_id: st
     folder = artefacts.run_dir(settings, job_id)
     # One process, or `accelerate launch` with one process per GPU when the plan shards (FSDP).
     plan = load_spec(spec_path).plan
-    cmd = launch_command(spec_path, plan, python=settings.trainer_python or sys.executable)
-    trainer = TrainerProcess(cmd, folder / "trainer.log", folder / artefacts.PAUSE_FILE)
+    port = lease.rendezvous_port() if lease else None
+    cmd = launch_command(
+        spec_path, plan, python=settings.trainer_python or sys.executable, main_process_port=port
+    )
+    env = lease.env() if lease else {}
+    trainer = TrainerProcess(cmd, folder / "trainer.log", folder / artefacts.PAUSE_FILE, env=env)
     run = RunProgress(settings, sessions, job_id)
     pause_deadline: float | None = None
     last_check = last_beat = time.monotonic()

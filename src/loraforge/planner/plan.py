@@ -125,9 +125,14 @@ def _largest_fitting(fits: Callable[[int], bool], lo: int, cap: int) -> int:
 
 
 def plan_on(
-    shape: RunShape, pool: TrainPool, strategy: Strategy, num_gpus: int, max_seq_length: int
+    shape: RunShape,
+    pool: TrainPool,
+    strategy: Strategy,
+    num_gpus: int,
+    max_seq_length: int,
+    batch_size: int = 1,
 ) -> JobPlan | None:
-    """The plan for one (pool, strategy, GPU count), or None if ``max_seq_length`` tokens don't fit.
+    """The plan for one (pool, strategy, GPU count), or None if its smallest micro-batch doesn't fit.
 
     Args:
         shape: the model, LoRA and dtype.
@@ -135,11 +140,17 @@ def plan_on(
         strategy: ``lora``, ``qlora`` or ``fsdp``.
         num_gpus: GPUs used (1 unless FSDP).
         max_seq_length: the longest example, which must fit in one micro-batch.
+        batch_size: examples per optimizer step. On a GPU it does not matter (micro-batches are
+            packed to the token budget); on a CPU the whole step is one padded micro-batch of up
+            to ``batch_size × max_seq_length`` tokens, which is what must fit.
 
     Returns:
-        The plan with its estimate at the token budget (CPU: at ``max_seq_length``), or None.
+        The plan with its estimate at the token budget (CPU: at ``batch_size × max_seq_length``),
+        or None.
     """
     device = pool.device
+    if device == "cpu":
+        max_seq_length *= max(batch_size, 1)  # the CPU trainer's micro-batch is the whole step
 
     def at(tokens: int, ckpt: bool) -> MemoryEstimate:
         return estimate(
@@ -178,6 +189,7 @@ def plan_job(
     lora_r: int,
     target_modules: Sequence[str],
     max_seq_length: int,
+    batch_size: int | None = None,
 ) -> JobPlan | NoFit:
     """Plan a job on ``entry`` onto one of ``pools`` (module docstring for the order).
 
@@ -187,6 +199,8 @@ def plan_job(
         lora_r: the job's LoRA rank.
         target_modules: the job's LoRA target modules (explicit names).
         max_seq_length: the job's longest example in tokens.
+        batch_size: the job's batch size; None ("auto") sizes a CPU step at the largest batch
+            "auto" can pick, the entry's ``max_batch_size``.
 
     Returns:
         The plan, or :class:`NoFit` saying what would be needed.
@@ -200,6 +214,7 @@ def plan_job(
         plan = TrainPlan(num_gpus=1 if pool.device == "cuda" else 0)
         return JobPlan(pool=pool, train_plan=plan, estimate=None)
     shape = RunShape(entry.arch, lora_r, tuple(target_modules), entry.training.dtype)
+    batch = batch_size or entry.max_batch_size
     forced = entry.training.strategy
     strategies = PREFERENCE if forced == "auto" else (forced,)
     for strategy in strategies:
@@ -207,7 +222,7 @@ def plan_job(
             if strategy != "lora" and pool.device != "cuda":
                 continue  # NF4 kernels and NCCL sharding are GPU-only
             for n in _gpu_counts(pool, strategy, entry.training.gpus):
-                found = plan_on(shape, pool, strategy, n, max_seq_length)
+                found = plan_on(shape, pool, strategy, n, max_seq_length, batch)
                 if found is not None:
                     return found
     return _no_fit(entry, shape, strategies, tuple(pools), max_seq_length)

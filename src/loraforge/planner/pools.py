@@ -1,51 +1,28 @@
 """The deployment's worker pools: configured (``LORAFORGE_TRAIN_POOLS``) or detected here.
 
-Detection never imports torch (the API process calls it): GPUs come from ``nvidia-smi``, RAM from
-``os.sysconf``. It is what the embedded ``loraforge serve`` wants, where the API, the worker and
-the GPUs share one machine; a scale-out deployment lists its pools explicitly, the same list for
-the API and every worker.
+Detection never imports torch (the API process calls it): GPUs come from ``nvidia-smi``
+(``planner/gpus.py``), RAM from ``os.sysconf``. It is what the embedded ``loraforge serve`` wants,
+where the API, the worker, the engine and the GPUs share one machine: ``serve`` detects once
+(:func:`serve_layout`, which also leaves the engine its GPU) and hands the result to its children,
+so the API plans onto exactly the pools the worker consumes. A scale-out deployment lists its
+pools explicitly, the same list for the API and every worker.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import subprocess
-from functools import lru_cache
+from dataclasses import dataclass, field
 
+from loraforge.catalog.catalog import BaseModelEntry
+from loraforge.planner.gpus import MIN_GPU_GIB, Gpu, detect_gpus
+from loraforge.planner.memory import CUDA_RESERVED_GIB, DTYPE_BYTES, GIB, total_params
 from loraforge.settings import Settings, TrainPool
+
+log = logging.getLogger(__name__)
 
 GPU_POOL = "gpu"
 CPU_POOL = "cpu"
-NVIDIA_SMI = ("nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits")
-
-
-def _visible(memories: list[float]) -> list[float]:
-    """The GPUs CUDA_VISIBLE_DEVICES leaves visible (nvidia-smi itself ignores it)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return memories
-    items = [v.strip() for v in visible.split(",") if v.strip()]
-    if not items or items[0] == "-1":
-        return []
-    if all(i.isdigit() for i in items):
-        return [memories[int(i)] for i in items if int(i) < len(memories)]
-    # UUIDs or MIG names: the count is known, not which ones; size them all as the smallest.
-    return [min(memories)] * min(len(items), len(memories)) if memories else []
-
-
-def gpu_memories_gib() -> list[float]:
-    """Memory of each visible NVIDIA GPU (GiB), from ``nvidia-smi``; [] when there is none."""
-    try:
-        out = subprocess.run(NVIDIA_SMI, capture_output=True, text=True, timeout=20, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return []
-    memories = []
-    for line in out.splitlines():
-        try:
-            memories.append(round(float(line.strip()) / 1024, 1))  # MiB
-        except ValueError:
-            continue  # "[N/A]" or a warning line
-    return _visible(memories)
 
 
 def ram_gib() -> float:
@@ -56,18 +33,27 @@ def ram_gib() -> float:
         return 8.0  # an unknown platform: assume a small machine
 
 
-@lru_cache(maxsize=1)
+def _gpu_pool(gpus: list[Gpu]) -> TrainPool | None:
+    """The ``gpu`` pool of these GPUs, sized as the smallest; None without any."""
+    if not gpus:
+        return None
+    return TrainPool(
+        name=GPU_POOL,
+        device="cuda",
+        count=len(gpus),
+        memory_gib=min(g.memory_gib for g in gpus),
+        devices=tuple(g.id for g in gpus),
+    )
+
+
 def detect_pools() -> tuple[TrainPool, ...]:
     """This machine's pools: ``gpu`` (all visible GPUs, sized as the smallest) if any, and ``cpu``.
 
-    Cached per process: nvidia-smi takes a moment and the hardware does not change under us.
+    GPU detection is cached once it succeeds (``planner/gpus.py``); RAM is read each time (cheap).
     """
-    pools = []
-    gpus = gpu_memories_gib()
-    if gpus:
-        pools.append(TrainPool(name=GPU_POOL, device="cuda", count=len(gpus), memory_gib=min(gpus)))
-    pools.append(TrainPool(name=CPU_POOL, device="cpu", count=1, memory_gib=ram_gib()))
-    return tuple(pools)
+    gpu = _gpu_pool(list(detect_gpus()))
+    cpu = TrainPool(name=CPU_POOL, device="cpu", count=1, memory_gib=ram_gib())
+    return (gpu, cpu) if gpu is not None else (cpu,)
 
 
 def resolve_pools(settings: Settings) -> list[TrainPool]:
@@ -75,3 +61,85 @@ def resolve_pools(settings: Settings) -> list[TrainPool]:
     if settings.train_pools is not None:
         return list(settings.train_pools)
     return list(detect_pools())
+
+
+def pool_device_ids(pool: TrainPool) -> tuple[str, ...]:
+    """The ``CUDA_VISIBLE_DEVICES`` ids of a cuda pool's GPUs on this worker machine.
+
+    ``pool.devices`` when given; else the first ``count`` entries of this process's
+    ``CUDA_VISIBLE_DEVICES`` (ids a child must use too), else ``0 .. count-1``.
+    """
+    if pool.devices is not None:
+        return pool.devices
+    items = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if items and items[0] != "-1":
+        return tuple(items[: pool.count])
+    return tuple(str(i) for i in range(pool.count))
+
+
+def engine_gib(entry: BaseModelEntry | None) -> float:
+    """GPU memory the serving engine of ``entry`` takes: its base weights plus a CUDA context.
+
+    The engine loads the base in the catalog dtype (``catalog/loading.py``); its KV cache is
+    small next to that at the engine's batch sizes and is covered by the trainer's headroom.
+    An entry without ``arch`` cannot be sized: only the context is counted.
+    """
+    if entry is None or entry.arch is None:
+        return CUDA_RESERVED_GIB
+    weights = total_params(entry.arch) * DTYPE_BYTES.get(entry.training.dtype, 4)
+    return weights / GIB + CUDA_RESERVED_GIB
+
+
+@dataclass(frozen=True)
+class ServeLayout:
+    """What ``loraforge serve`` runs with: its children's pools and the engine's extra env."""
+
+    pools: list[TrainPool]
+    engine_env: dict[str, str] = field(default_factory=dict)
+
+
+def serve_layout(settings: Settings, engine_entry: BaseModelEntry | None) -> ServeLayout:
+    """The pools of ``loraforge serve``, whose engine shares the machine's GPUs with training.
+
+    Configured pools are taken as they are (the operator sized them). Detected ones leave room
+    for the engine, which loads its base on a GPU when there is one: with several GPUs the engine
+    is pinned to the first (``CUDA_VISIBLE_DEVICES`` in ``engine_env``) and the ``gpu`` pool is
+    the others; with one, the engine's memory (:func:`engine_gib`) is taken off that GPU's size,
+    and no gpu pool remains if too little is left.
+
+    Args:
+        settings: ``train_pools``.
+        engine_entry: the catalog entry of the base model the engine serves (None: unknown).
+
+    Returns:
+        The pools and the engine's environment additions.
+    """
+    if settings.train_pools is not None:
+        return ServeLayout(list(settings.train_pools))
+    gpus = list(detect_gpus())
+    cpu = TrainPool(name=CPU_POOL, device="cpu", count=1, memory_gib=ram_gib())
+    if not gpus:
+        return ServeLayout([cpu])
+    if len(gpus) > 1:
+        engine_gpu, training = gpus[0], gpus[1:]
+        log.info("serve: the engine uses GPU %s; training leases the other %d", engine_gpu.id, len(training))
+        # PCI bus order: the order nvidia-smi numbered the GPUs in, so the id means the same GPU.
+        env = {"CUDA_VISIBLE_DEVICES": engine_gpu.id, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        gpu = _gpu_pool(training)
+        return ServeLayout([gpu, cpu] if gpu else [cpu], env)
+    only, reserved = gpus[0], engine_gib(engine_entry)
+    left = round(only.memory_gib - reserved, 1)
+    if left < MIN_GPU_GIB:
+        log.warning(
+            "serve: the engine needs ~%.1f GiB of the only GPU (%g GiB); no GPU pool for training",
+            reserved,
+            only.memory_gib,
+        )
+        return ServeLayout([cpu])
+    log.info(
+        "serve: the engine shares GPU %s; training plans with %g of its %g GiB",
+        only.id,
+        left,
+        only.memory_gib,
+    )
+    return ServeLayout([TrainPool(name=GPU_POOL, device="cuda", memory_gib=left, devices=(only.id,)), cpu])

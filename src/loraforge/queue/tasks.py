@@ -29,10 +29,16 @@ def validate_job_task(job_id: str) -> None:
         queue_training(job_id)
 
 
-def queue_training(job_id: str) -> None:
-    """Send the job's training task to the queue of the pool its memory plan chose."""
+def queue_training(job_id: str, wait_token: int | None = None, countdown: float | None = None) -> None:
+    """Send the job's training task to the queue of the pool its memory plan chose.
+
+    A job without a plan, or planned onto a pool that is no longer configured, is planned again
+    first; one that fits no pool any more is failed and nothing is sent (``jobs/planning.py``).
+    ``wait_token`` and ``countdown``: the re-send of a job waiting for GPUs (``jobs/scheduling.py``).
+    """
     pool = planning.pool_of(get_settings(), _sessions(), job_id)
-    train_job_task.apply_async(args=[job_id], queue=train_queue(pool))
+    if pool is not None:
+        train_job_task.apply_async(args=[job_id, wait_token], queue=train_queue(pool), countdown=countdown)
 
 
 @shared_task(name="loraforge.validate_file", acks_late=True)
@@ -42,9 +48,15 @@ def validate_file_task(file_id: str) -> None:
 
 
 @shared_task(name="loraforge.train_job", acks_late=True)
-def train_job_task(job_id: str) -> None:
-    """Run the trainer subprocess for a queued job and record the outcome."""
-    worker.run_training(get_settings(), _sessions(), job_id)
+def train_job_task(job_id: str, wait_token: int | None = None) -> None:
+    """Run the trainer subprocess for a queued job and record the outcome.
+
+    If its GPUs are busy, the task is sent again after ``gpu_wait_seconds`` (the job stays queued).
+    """
+    settings = get_settings()
+    token = worker.run_training(settings, _sessions(), job_id, wait_token)
+    if token is not None:
+        queue_training(job_id, token, countdown=settings.gpu_wait_seconds)
 
 
 @shared_task(name="loraforge.deliver_webhook", acks_late=True)

@@ -16,7 +16,9 @@ FSDP_CONFIG = ACCELERATE_CONFIGS / "fsdp.yaml"
 SINGLE_GPU_CONFIG = ACCELERATE_CONFIGS / "single_gpu.yaml"
 
 
-def launch_command(spec_path: str | Path, plan: TrainPlan, python: str | None = None) -> list[str]:
+def launch_command(
+    spec_path: str | Path, plan: TrainPlan, python: str | None = None, main_process_port: int | None = None
+) -> list[str]:
     """The argv that runs ``python -m loraforge.trainer SPEC`` the way ``plan`` needs.
 
     ``fsdp`` on more than one GPU goes through ``accelerate launch`` with
@@ -28,6 +30,8 @@ def launch_command(spec_path: str | Path, plan: TrainPlan, python: str | None = 
         spec_path: the spec JSON file.
         plan: the run's memory plan.
         python: the interpreter (default: this one).
+        main_process_port: the FSDP ranks' rendezvous port (default: accelerate's 29500). Two
+            FSDP jobs on one host need different ones.
 
     Returns:
         The command, ready for ``subprocess.Popen``.
@@ -43,6 +47,7 @@ def launch_command(spec_path: str | Path, plan: TrainPlan, python: str | None = 
             str(FSDP_CONFIG),
             "--num_processes",
             str(plan.num_gpus),
+            *(["--main_process_port", str(main_process_port)] if main_process_port else []),
             *trainer,
         ]
     return [python, *trainer]

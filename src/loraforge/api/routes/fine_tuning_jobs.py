@@ -13,7 +13,7 @@ from loraforge.api.schemas.common import list_page
 from loraforge.api.schemas.fine_tuning import checkpoint_public, event_public, job_public
 from loraforge.jobs import checkpoints, control, service
 from loraforge.jobs.params import JobCreateParams
-from loraforge.jobs.planning import job_pool
+from loraforge.jobs.planning import dispatch_pool
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"])
 
@@ -88,8 +88,12 @@ def pause_job(session: SessionDep, org: OrgDep, job_id: str) -> dict[str, Any]:
 def resume_job(services: ServicesDep, session: SessionDep, org: OrgDep, job_id: str) -> dict[str, Any]:
     """Resume a paused job: it is queued again and continues from its pause checkpoint."""
     job = control.resume_job(session, org, job_id)
+    # Planned again if its plan is missing or names a pool that is gone; None: failed instead.
+    pool = dispatch_pool(services.settings, session, job)
     session.commit()
-    services.dispatcher.train_job(job.id, job_pool(services.settings, job))
+    session.refresh(job)
+    if pool is not None:
+        services.dispatcher.train_job(job.id, pool)
     return job_public(job, org)
 
 

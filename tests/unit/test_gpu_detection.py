@@ -1,0 +1,102 @@
+"""GPU detection (``planner/gpus.py``) with fake ``nvidia-smi`` scripts on PATH: a hang returns
+within a bound and is retried later, unusable memory readings are dropped with a log line, a
+success is cached and concurrent first callers share one run."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from loraforge.planner import gpus
+from loraforge.planner.pools import resolve_pools
+from loraforge.settings import Settings
+
+
+@pytest.fixture(autouse=True)
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    gpus.forget()
+    yield
+    gpus.forget()
+
+
+def fake_smi(folder: Path, body: str) -> Path:
+    """An ``nvidia-smi`` that counts its runs in ``runs`` and then does ``body``."""
+    script = folder / "nvidia-smi"
+    script.write_text(f"#!/bin/sh\necho run >> {folder / 'runs'}\n{body}\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return folder / "runs"
+
+
+def runs(counter: Path) -> int:
+    return len(counter.read_text().splitlines()) if counter.exists() else 0
+
+
+def test_a_hung_nvidia_smi_returns_within_the_bound_and_is_retried_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    counter = fake_smi(tmp_path, "exec sleep 60")
+    monkeypatch.setattr(gpus, "DETECT_TIMEOUT_SECONDS", 0.5)
+    caplog.set_level(logging.WARNING, logger="loraforge.planner.gpus")
+    start = time.monotonic()
+    assert gpus.detect_gpus() == ()
+    assert time.monotonic() - start < 0.5 + gpus.KILL_WAIT_SECONDS + 1
+    assert "did not answer within 0.5 s" in caplog.text
+    # Within the retry interval the failure is answered without running nvidia-smi again ...
+    assert gpus.detect_gpus() == () and runs(counter) == 1
+    assert [p.name for p in resolve_pools(Settings(home=tmp_path))] == ["cpu"]
+    # ... and after it detection runs again: a transient failure is not kept for the process life.
+    fake_smi(tmp_path, "echo 81559")
+    monkeypatch.setattr(gpus, "RETRY_SECONDS", 0.0)
+    assert gpus.detect_gpus() == (gpus.Gpu("0", 79.6),) and runs(counter) == 2
+
+
+def test_a_failing_nvidia_smi_is_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = fake_smi(tmp_path, "echo 'NVIDIA-SMI has failed' >&2; exit 9")
+    monkeypatch.setattr(gpus, "RETRY_SECONDS", 0.0)
+    assert gpus.detect_gpus() == () and gpus.detect_gpus() == ()
+    assert runs(counter) == 2
+
+
+def test_garbage_and_zero_memory_readings_are_dropped_with_a_log_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_smi(tmp_path, "printf '81559\\n[N/A]\\n0\\n3\\n143771\\n'")
+    caplog.set_level(logging.INFO, logger="loraforge.planner.gpus")
+    # The indices of the usable GPUs are kept: they are what CUDA_VISIBLE_DEVICES must name.
+    assert gpus.detect_gpus() == (gpus.Gpu("0", 79.6), gpus.Gpu("4", 140.4))
+    for index in (1, 2, 3):
+        assert f"GPU {index}" in caplog.text
+    assert "GPU detection: cuda 0 79.6 GiB, cuda 4 140.4 GiB" in caplog.text
+    pools = resolve_pools(Settings(home=tmp_path))
+    assert pools[0].count == 2 and pools[0].memory_gib == 79.6 and pools[0].devices == ("0", "4")
+
+
+def test_only_unusable_readings_give_a_cpu_pool_not_an_error(tmp_path: Path) -> None:
+    fake_smi(tmp_path, "printf '0\\n0\\n'")
+    assert [p.name for p in resolve_pools(Settings(home=tmp_path))] == ["cpu"]
+
+
+def test_a_success_is_cached_and_concurrent_first_callers_share_one_run(tmp_path: Path) -> None:
+    counter = fake_smi(tmp_path, "sleep 0.5; printf '81559\\n81559\\n'")
+    results: list[tuple[gpus.Gpu, ...]] = []
+    threads = [threading.Thread(target=lambda: results.append(gpus.detect_gpus())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == [(gpus.Gpu("0", 79.6), gpus.Gpu("1", 79.6))] * 4
+    assert gpus.detect_gpus() == results[0] and runs(counter) == 1
+
+
+def test_no_nvidia_smi_means_no_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert gpus.detect_gpus() == ()
