@@ -184,6 +184,10 @@ def test_platform_end_to_end(session: Session, stack: Stack, tmp_path: Path) -> 
     assert points == 100, points  # one per step: 20 examples / batch 4 * 20 epochs
     assert page.locator("[data-testid=chart-loss] canvas").count() == 1
     assert page.locator("[data-testid=chart-accuracy] canvas").count() == 1
+    # The memory plan chosen at creation, as the API reports it.
+    plan = (job.model_extra or {})["plan"]
+    assert plan["strategy"] == "lora" and plan["device"] == "cpu"
+    assert page.inner_text("[data-testid=job-plan]") == plan["summary"]
     assert (
         page.locator(
             f"[data-testid=events] li:has-text('New fine-tuned model created: {job.fine_tuned_model}')"

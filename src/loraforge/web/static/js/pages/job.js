@@ -69,6 +69,14 @@ function Details({ job }) {
     ["Trained tokens", job.trained_tokens ?? "—"],
     ["Seed", job.seed ?? "—"],
   ];
+  // loraforge extensions: the pre-flight estimate (once the files pass) and the memory plan.
+  const est = job.estimate;
+  if (est) {
+    rows.push(["Estimated steps", est.total_steps]);
+    if (est.estimated_trained_tokens != null) rows.push(["Estimated trained tokens", est.estimated_trained_tokens]);
+    if (est.estimated_duration_seconds != null) rows.push(["Estimated duration", fmtDuration(est.estimated_duration_seconds)]);
+  }
+  if (job.plan) rows.push(["Plan", html`<span data-testid="job-plan">${job.plan.summary}</span>`]);
   return html`<dl class="details">${rows.map(([k, v]) => html`<div><dt>${k}</dt><dd>${v}</dd></div>`)}</dl>`;
 }
 
