@@ -3,6 +3,7 @@
     PYTHONPATH=src python bench/train_throughput.py --arch llama-3.1-8b --token-budget 16384
     PYTHONPATH=src python bench/train_throughput.py --arch llama-3.1-8b --baseline      # + naive, ratio
     PYTHONPATH=src python bench/train_throughput.py --arch llama-3.3-70b --layers 4,8 --strategy qlora
+    PYTHONPATH=src python bench/train_throughput.py --arch llama-3.1-8b --kernels torch  # no Liger
     PYTHONPATH=src python bench/train_throughput.py --arch tiny --device cpu --steps 2  # CPU smoke
 
 Builds a random-init ``LlamaForCausalLM`` with the exact Llama-3.1-8B (or Llama-3.3-70B) shapes on
@@ -12,6 +13,7 @@ sigma 0.8, clipped 32..4096, seed 1; the definitions are imported from that file
 takes the next documents up to ``--token-budget`` real tokens and runs them through the
 trainer's own functions: ``packing.step_micro_batches`` (padding-free, restarting positions),
 ``loss.CausalLMLoss`` (chunked or fused linear CE), ``step.forward_backward``,
+``device_setup.apply_kernels`` (``--kernels``: Liger RMSNorm/SwiGLU/RoPE on CUDA when it imports),
 ``device_setup.prepare_for_training`` / ``make_optimizer`` (bf16 autocast, fp32 LoRA, fused AdamW,
 flex_attention) and the loop's gradient clipping.
 
@@ -44,6 +46,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from loraforge.trainer.data import TokenizedExample  # noqa: E402
 from loraforge.trainer.device_setup import (  # noqa: E402
+    KERNEL_CHOICES,
+    apply_kernels,
     attn_implementation,
     compute_dtype,
     make_optimizer,
@@ -153,8 +157,8 @@ def quantize_nf4(model: Any) -> None:
     model.is_loaded_in_4bit = True
 
 
-def build(args: argparse.Namespace, layers: int, device: torch.device) -> tuple[Any, Any, Any, Any]:
-    """Model + LoRA set up by the trainer's functions; returns (peft model, loss module, opt, dtype)."""
+def build(args: argparse.Namespace, layers: int, device: torch.device) -> tuple[Any, Any, Any, Any, str]:
+    """Model + LoRA set up by the trainer's functions: (peft model, loss module, opt, dtype, kernels)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaForCausalLM
 
@@ -184,13 +188,14 @@ def build(args: argparse.Namespace, layers: int, device: torch.device) -> tuple[
             use_gradient_checkpointing=args.grad_ckpt,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+    kernels = apply_kernels(model, device.type, args.kernels)  # before PEFT, as load_base does
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
     dtype = compute_dtype(device.type, base_dtype, args.strategy)
     peft_model: Any = prepare_for_training(get_peft_model(model, lora), plan, device.type, dtype)
     peft_model.train()
     loss_module = CausalLMLoss(peft_model, resolve_loss_mode(plan.loss, device.type))
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    return peft_model, loss_module, make_optimizer(params, 1e-4, 0.0, device.type), dtype
+    return peft_model, loss_module, make_optimizer(params, 1e-4, 0.0, device.type), dtype, kernels
 
 
 def steps_of_docs(lengths: list[int], budget: int, vocab: int) -> Any:
@@ -213,7 +218,7 @@ def run_config(args: argparse.Namespace, layers: int) -> dict[str, Any]:
     """Build, warm up, time ``args.steps`` steps; the baseline's metrics for one layer count."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    model, loss_module, optimizer, dtype = build(args, layers, device)
+    model, loss_module, optimizer, dtype, kernels = build(args, layers, device)
     cfg = model.get_base_model().config
     params = [p for p in model.parameters() if p.requires_grad]
     steps = steps_of_docs(doc_lengths(), args.token_budget, cfg.vocab_size)
@@ -251,7 +256,8 @@ def run_config(args: argparse.Namespace, layers: int) -> dict[str, Any]:
     result = {
         "config": f"loraforge_{args.arch}_L{layers}_{args.strategy}_tb{args.token_budget}"
         + ("_ac" if args.grad_ckpt else "")
-        + ("_compile" if args.compile else ""),
+        + ("_compile" if args.compile else "")
+        + ("_liger" if kernels == "liger" else ""),
         "layers": layers,
         "real_tok_s": round(tps, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
@@ -263,6 +269,7 @@ def run_config(args: argparse.Namespace, layers: int) -> dict[str, Any]:
         "n_mm": nmm,
         "frozen_weight_gib": round(weights / 2**30, 2),
         "loss_mode": loss_module.mode,
+        "kernels": kernels,
         "attn": cfg._attn_implementation,
     }
     return result
@@ -321,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (CUDA)")
     parser.add_argument("--strategy", choices=["lora", "qlora"], default="lora")
     parser.add_argument("--loss", choices=["auto", "chunked", "full"], default="auto")
+    parser.add_argument(
+        "--kernels",
+        choices=KERNEL_CHOICES,
+        default=os.environ.get("LORAFORGE_KERNELS") or "auto",
+        help="RMSNorm/SwiGLU/RoPE: auto = Liger on CUDA when it imports (default: $LORAFORGE_KERNELS)",
+    )
     parser.add_argument("--attn", default=None, help="override the attention implementation")
     parser.add_argument(
         "--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu"

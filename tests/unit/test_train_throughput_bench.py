@@ -17,7 +17,7 @@ SHARED_BASELINE = ROOT.parent / "shared" / "bench" / "naive_lora_baseline.py"
 
 
 def test_cpu_smoke_prints_the_baseline_metrics() -> None:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORAFORGE_KERNELS": "auto"}
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--arch", "tiny", "--device", "cpu", "--steps", "2"],
         capture_output=True,
@@ -32,6 +32,7 @@ def test_cpu_smoke_prints_the_baseline_metrics() -> None:
     assert result["device"] == "cpu" and result["arch"] == "tiny" and result["token_budget"] == 2048
     (config,) = result["configs"]
     assert config["layers"] == 2 and config["loss_mode"] == "full" and config["attn"] == "sdpa"
+    assert config["kernels"] == "torch"  # LORAFORGE_KERNELS=auto is a no-op on CPU
     assert config["real_tok_s"] > 0 and config["tokens"] > 0 and config["peak_gib"] is None
     assert config["lora_mfu"] >= 0 and config["t_eff"] > 0
     # n_mm = L (2h^2 + 2h kv + 3h I) + h V for the tiny shapes (h 64, kv 32, I 128, V 1024).

@@ -11,13 +11,23 @@
   layer's input for backward (~2.4 MB per token on 8B). On CPU everything stays fp32.
 * QLoRA: the base loaded 4-bit NF4 through transformers' ``BitsAndBytesConfig`` (double quant,
   bf16 compute), then PEFT's ``prepare_model_for_kbit_training``; bitsandbytes imported lazily.
+* Kernels (``LORAFORGE_KERNELS=auto|liger|torch``, read by the trainer process; not part of the
+  plan: it changes speed and memory, not what is computed beyond rounding, and not the adapter's
+  files -- Liger rebinds ``forward`` methods and adds no parameters): on CUDA, when ``liger_kernel``
+  imports and the model is a Llama, Liger's Triton RMSNorm, SwiGLU and RoPE replace the eager
+  ones (:func:`apply_kernels`), before PEFT wraps the model. Liger patches the existing norm and
+  MLP *instances* (their ``forward`` rebound), so the LoRA layers PEFT later sets as
+  ``mlp.gate_proj`` etc. are what the patched forward calls; RoPE, and the ``LlamaRMSNorm`` /
+  ``LlamaMLP`` names, are patched module-globally in ``transformers.models.llama.modeling_llama``
+  (every Llama this process builds afterwards gets them: fine in the one-job trainer process).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -26,6 +36,12 @@ from loraforge.trainer.distributed import world_size
 from loraforge.trainer.spec import TrainPlan
 
 logger = logging.getLogger(__name__)
+
+KERNELS_ENV = "LORAFORGE_KERNELS"
+KERNEL_CHOICES = ("auto", "liger", "torch")
+Kernels = Literal["liger", "torch"]
+# model_type -> Liger's patch function for it (what this trainer has checked: the catalog's Llamas).
+_LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama"}
 
 
 def attn_implementation(device_type: str) -> str:
@@ -64,6 +80,91 @@ def compute_dtype(device_type: str, base_dtype: torch.dtype, strategy: str = "lo
     return None
 
 
+def requested_kernels(value: str | None = None) -> str:
+    """The kernel choice: ``value``, else ``$LORAFORGE_KERNELS``, else ``auto``.
+
+    Args:
+        value: an explicit choice (the benchmark's ``--kernels``); None reads the environment.
+
+    Returns:
+        ``auto``, ``liger`` or ``torch``.
+
+    Raises:
+        ValueError: anything else (a typo must not silently benchmark the other path).
+    """
+    raw = (value if value is not None else os.environ.get(KERNELS_ENV, "")).strip().lower() or "auto"
+    if raw not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNELS_ENV}={raw!r}: expected one of {', '.join(KERNEL_CHOICES)}")
+    return raw
+
+
+def _liger_patch(model_type: str) -> Any:
+    """Liger's patch function for ``model_type``; ImportError when liger_kernel cannot load."""
+    # Liger's top-level import pulls triton and every model module it supports; any failure of
+    # that (no triton, a transformers it does not know) means "not available", whatever its type.
+    try:
+        import liger_kernel.transformers as liger
+    except Exception as exc:  # any failure, see above
+        raise ImportError(f"liger_kernel does not import: {exc!r}") from exc
+    return getattr(liger, _LIGER_PATCHES[model_type])
+
+
+def apply_kernels(model: Any, device_type: str, requested: str | None = None) -> Kernels:
+    """Swap in Liger's fused RMSNorm, SwiGLU and RoPE kernels when asked and possible.
+
+    Call it on the plain transformers model, before PEFT wraps it (Liger finds the decoder layers
+    through ``model.base_model_prefix``, which a ``PeftModel`` resolves to the wrong object).
+    ``auto`` uses Liger on CUDA for a supported architecture when it imports, eager torch
+    otherwise (logged); ``liger`` raises instead of falling back, so a benchmark or a deployment
+    that asked for the kernels never measures or runs the other path unknowingly; ``torch``
+    changes nothing. Cross-entropy stays :mod:`loraforge.trainer.loss`'s (Liger's loss patches
+    are off: the trainer never calls the model's own loss).
+
+    Args:
+        model: the transformers causal LM, not yet PEFT-wrapped.
+        device_type: ``cpu`` or ``cuda``.
+        requested: ``auto``/``liger``/``torch``; None reads ``$LORAFORGE_KERNELS``.
+
+    Returns:
+        ``liger`` if the kernels were applied, else ``torch``.
+
+    Raises:
+        ValueError: an unknown choice.
+        RuntimeError: ``liger`` requested where it cannot run (no CUDA, another architecture,
+            liger_kernel not importable).
+    """
+    choice = requested_kernels(requested)
+    if choice == "torch":
+        return "torch"
+    model_type = getattr(getattr(model, "config", None), "model_type", "")
+    if device_type != "cuda":
+        # Liger's kernels are Triton GPU kernels: nothing to apply on CPU.
+        reason = f"device {device_type} (Liger's Triton kernels need CUDA)"
+    elif model_type not in _LIGER_PATCHES:
+        reason = f"model type {model_type!r} (Liger patches wired for: {', '.join(_LIGER_PATCHES)})"
+    else:
+        try:
+            patch = _liger_patch(model_type)
+        except ImportError as exc:
+            reason = f"{exc} (carry its wheel: bench/fetch_gpu_wheels.sh)"
+        else:
+            patch(
+                rope=True,
+                rms_norm=True,
+                swiglu=True,
+                cross_entropy=False,
+                fused_linear_cross_entropy=False,
+                model=model,
+            )
+            logger.info("kernels: Liger RMSNorm, SwiGLU and RoPE applied to %s", model_type)
+            return "liger"
+    if choice == "liger":
+        raise RuntimeError(f"{KERNELS_ENV}=liger cannot be honoured: {reason}")
+    if device_type == "cuda":  # on CPU torch is simply the path; on CUDA it is worth a line
+        logger.info("kernels: eager torch RMSNorm/SwiGLU/RoPE (%s)", reason)
+    return "torch"
+
+
 def _require_bitsandbytes() -> None:
     try:
         import bitsandbytes  # noqa: F401 - only checks that QLoRA can run
@@ -84,10 +185,11 @@ def load_base(entry: BaseModelEntry, models_dir: Path, device: torch.device, pla
         plan: the run's memory plan.
 
     Returns:
-        The causal LM (not yet wrapped by PEFT).
+        The causal LM (not yet wrapped by PEFT), with :func:`apply_kernels` applied.
 
     Raises:
-        RuntimeError: QLoRA without CUDA or without bitsandbytes.
+        RuntimeError: QLoRA without CUDA or without bitsandbytes; ``LORAFORGE_KERNELS=liger``
+            where Liger cannot run.
     """
     from loraforge.catalog.loading import load_model, resolve_weights
 
@@ -112,17 +214,21 @@ def load_base(entry: BaseModelEntry, models_dir: Path, device: torch.device, pla
             device_map={"": device.index or 0},
             attn_implementation=attn,
         )
-        return prepare_model_for_kbit_training(
+        model = prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=plan.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        apply_kernels(model, device.type)
+        return model
     # FSDP over several processes: every rank loads on CPU (with fsdp_cpu_ram_efficient_loading
     # only rank 0 holds real weights) and accelerate.prepare shards onto the GPUs.
     target = "cpu" if plan.strategy == "fsdp" and world_size() > 1 else str(device)
     model = load_model(entry, models_dir, device=target)
     if model.config._attn_implementation != attn:
         model.set_attn_implementation(attn)
+    # The kernels run where the forward runs: under FSDP the device, not the CPU it loads on.
+    apply_kernels(model, device.type)
     return model
 
 

@@ -3,7 +3,7 @@
 Three ways to compute the same sum (``TrainPlan.loss``):
 
 * ``full``: the model's logits for every position, upcast to fp32, then cross-entropy (the
-  original CPU path, kept bit for bit).
+  CPU path; with packing the same sums as the padded batches it replaced, up to rounding).
 * ``chunked``: the decoder's hidden states, only the labelled rows gathered, then the lm_head and
   cross-entropy chunk by chunk (``CHUNK_ROWS`` rows), each chunk under activation checkpointing.
   With a 128k vocabulary the logits are the largest activation of a step (fp32, 0.5 MB per
