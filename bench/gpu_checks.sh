@@ -18,6 +18,8 @@
 #      activation checkpointing -- with the naive baseline (LAYERS=32 BATCHES=8 STEPS=8, ~60 s on
 #      an H200 per FACTS_GPU) in a subprocess on the same card: the ratio;
 #   1b. token budget 4k, no checkpointing (small micro-batches instead of recompute);
+#   1b'. token budget 8k, recompute on 16 of 32 layers (partial AC: what the planner picks between
+#       no recompute and full recompute; docs/benchmarks.md predicts ~45 GiB eager, +~20 % compute);
 #   1c. 1b and then 1 with --kernels torch, when Liger's kernels are in use (LORAFORGE_KERNELS=auto
 #       picks them on CUDA when liger_kernel imports): what RMSNorm/SwiGLU/RoPE fusion buys;
 #   2. the same with activation checkpointing (the <= 40 GiB configuration);
@@ -101,6 +103,9 @@ BENCH="$PY bench/train_throughput.py --loss $LOSS --kernels $KERNELS"
 step 8b_tb16k_baseline 240 $BENCH --arch llama-3.1-8b --token-budget 16384 --steps 8 --baseline
 # The <= 40 GiB candidate without recompute: the planner puts ~3,300 tokens per micro-batch there.
 step 8b_tb4k 120 $BENCH --arch llama-3.1-8b --token-budget 4096 --steps 8
+# Partial recompute (the first 16 of 32 layers): the planner's middle ground, same step budget as
+# 8b_tb8k below so the two compare directly; a short step (~60 s), under the same deadline.
+step 8b_tb8k_ckpt_half 120 $BENCH --arch llama-3.1-8b --token-budget 8192 --steps 5 --ckpt-layers 16
 # The same two without Liger's RMSNorm/SwiGLU/RoPE, when the runs above had them: the difference
 # is what the fused kernels buy (docs/benchmarks.md predicts -24 % activations, +5-10 % speed).
 if grep -q '"kernels": "liger"' "$OUT_DIR/8b_tb4k.log" 2>/dev/null; then

@@ -4,6 +4,7 @@
     PYTHONPATH=src python bench/train_throughput.py --arch llama-3.1-8b --baseline      # + naive, ratio
     PYTHONPATH=src python bench/train_throughput.py --arch llama-3.3-70b --layers 4,8 --strategy qlora
     PYTHONPATH=src python bench/train_throughput.py --arch llama-3.1-8b --kernels torch  # no Liger
+    PYTHONPATH=src python bench/train_throughput.py --token-budget 8192 --ckpt-layers 16  # partial AC
     PYTHONPATH=src python bench/train_throughput.py --arch tiny --device cpu --steps 2  # CPU smoke
 
 Builds a random-init ``LlamaForCausalLM`` with the exact Llama-3.1-8B (or Llama-3.3-70B) shapes on
@@ -15,7 +16,8 @@ trainer's own functions: ``packing.step_micro_batches`` (padding-free, restartin
 ``loss.CausalLMLoss`` (chunked or fused linear CE), ``step.forward_backward``,
 ``device_setup.apply_kernels`` (``--kernels``: Liger RMSNorm/SwiGLU/RoPE on CUDA when it imports),
 ``device_setup.prepare_for_training`` / ``make_optimizer`` (bf16 autocast, fp32 LoRA, fused AdamW,
-flex_attention) and the loop's gradient clipping.
+flex_attention, recompute on the first ``--ckpt-layers`` layers or all with ``--grad-ckpt``) and
+the loop's gradient clipping.
 
 Reported exactly as the naive baseline defines them: real tokens/s over the timed steps, peak GiB
 = ``torch.cuda.max_memory_allocated`` over the timed steps, and LoRA-MFU = tokens/s *
@@ -57,6 +59,7 @@ from loraforge.trainer.loop import MAX_GRAD_NORM  # noqa: E402
 from loraforge.trainer.loss import CausalLMLoss, resolve_loss_mode  # noqa: E402
 from loraforge.trainer.packing import step_micro_batches  # noqa: E402
 from loraforge.trainer.recipe import PACK_MULTIPLE_CUDA  # noqa: E402
+from loraforge.trainer.recompute import decoder_layers  # noqa: E402
 from loraforge.trainer.spec import TrainPlan  # noqa: E402
 from loraforge.trainer.step import forward_backward  # noqa: E402
 
@@ -176,7 +179,8 @@ def build(args: argparse.Namespace, layers: int, device: torch.device) -> tuple[
     plan = TrainPlan(
         strategy=args.strategy,
         token_budget=args.token_budget,
-        gradient_checkpointing=args.grad_ckpt,
+        gradient_checkpointing=args.grad_ckpt if args.ckpt_layers is None else args.ckpt_layers > 0,
+        checkpoint_layers=args.ckpt_layers,
         packing=True,
         compile=args.compile,
         loss=args.loss,
@@ -185,7 +189,7 @@ def build(args: argparse.Namespace, layers: int, device: torch.device) -> tuple[
         quantize_nf4(model)
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=args.grad_ckpt,
+            use_gradient_checkpointing=plan.gradient_checkpointing,  # prepare_for_training trims it
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     kernels = apply_kernels(model, device.type, args.kernels)  # before PEFT, as load_base does
@@ -220,6 +224,7 @@ def run_config(args: argparse.Namespace, layers: int) -> dict[str, Any]:
     cuda = device.type == "cuda"
     model, loss_module, optimizer, dtype, kernels = build(args, layers, device)
     cfg = model.get_base_model().config
+    ckpt = sum(bool(getattr(layer, "gradient_checkpointing", False)) for layer in decoder_layers(model))
     params = [p for p in model.parameters() if p.requires_grad]
     steps = steps_of_docs(doc_lengths(), args.token_budget, cfg.vocab_size)
 
@@ -255,10 +260,11 @@ def run_config(args: argparse.Namespace, layers: int) -> dict[str, Any]:
     weights = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     result = {
         "config": f"loraforge_{args.arch}_L{layers}_{args.strategy}_tb{args.token_budget}"
-        + ("_ac" if args.grad_ckpt else "")
+        + ("" if not ckpt else "_ac" if ckpt == layers else f"_ac{ckpt}")
         + ("_compile" if args.compile else "")
         + ("_liger" if kernels == "liger" else ""),
         "layers": layers,
+        "ckpt_layers": ckpt,  # read back from the layers' flags: what actually recomputed
         "real_tok_s": round(tps, 1),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if cuda else None,
         "lora_mfu": round(tps * (4 * nmm + 12 * layers * h * t_eff) / PEAK, 4),
@@ -324,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--token-budget", type=int, default=None, help="real tokens per step (16384; tiny 2048)"
     )
-    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing")
+    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing (all layers)")
+    parser.add_argument("--ckpt-layers", type=int, default=None, help="recompute only the first K layers")
     parser.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (CUDA)")
     parser.add_argument("--strategy", choices=["lora", "qlora"], default="lora")
     parser.add_argument("--loss", choices=["auto", "chunked", "full"], default="auto")
@@ -348,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     args.layers = args.layers or default_layers
     args.token_budget = args.token_budget or (2048 if args.arch == "tiny" else 16384)
     args.warmup = args.warmup if args.warmup is not None else (4 if args.compile else 2)
+    if args.grad_ckpt and args.ckpt_layers == 0:
+        parser.error("--grad-ckpt contradicts --ckpt-layers 0")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
 
@@ -357,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         "strategy": args.strategy,
         "token_budget": args.token_budget,
         "grad_ckpt": args.grad_ckpt,
+        "ckpt_layers": args.ckpt_layers,
         "compile": args.compile,
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,

@@ -79,6 +79,8 @@ def test_a_job_no_worker_pool_fits_is_refused_and_nothing_is_stored(  # type: ig
         job = client.fine_tuning.jobs.create(model=LLAMA8B, training_file=file_id).to_dict()
         assert job["plan"]["pool"] == "small" and job["plan"]["strategy"] == "qlora"
         assert job["plan"]["gradient_checkpointing"] is True
+        # On 24 GiB NF4 8B recomputes most, not all, of its 32 layers (planner/plan.py).
+        assert 0 < job["plan"]["checkpoint_layers"] < 32
         assert dispatcher.validated == [job["id"]]
 
 
@@ -115,6 +117,7 @@ def test_the_plan_is_stored_shown_and_reaches_the_trainer_spec(  # type: ignore[
                 num_gpus=stored["num_gpus"],
                 token_budget=stored["token_budget"],
                 gradient_checkpointing=stored["gradient_checkpointing"],
+                checkpoint_layers=stored["checkpoint_layers"],
             )
 
     dry = client.fine_tuning.jobs.create(model=TINY, training_file=file_id, extra_body={"dry_run": True})

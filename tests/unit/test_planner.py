@@ -14,7 +14,7 @@ from loraforge.errors import InvalidRequestError
 from loraforge.jobs.planning import CODE, plan_for
 from loraforge.planner import JobPlan, NoFit, gpus, plan_job
 from loraforge.planner.memory import GIB, RunShape, estimate, lora_params, total_params
-from loraforge.planner.plan import TOKEN_BUDGET_CAP, TOKEN_BUDGET_STEP, plan_on
+from loraforge.planner.plan import PARTIAL_AC_TARGET_BUDGET, TOKEN_BUDGET_STEP, plan_on
 from loraforge.planner.pools import resolve_pools
 from loraforge.settings import Settings, TrainPool
 
@@ -126,7 +126,11 @@ def test_70b_is_qlora_on_one_gpu_even_on_an_8_gpu_pool() -> None:
     eight = planned(LLAMA70B, gpu(8, 80, "h100x8"))
     # Fewest GPUs first: QLoRA on one of the eight leaves seven for other jobs.
     assert (eight.train_plan.strategy, eight.train_plan.num_gpus, eight.pool.name) == ("qlora", 1, "h100x8")
-    assert planned(LLAMA70B, gpu(1, 140.4)).train_plan.token_budget == TOKEN_BUDGET_CAP
+    # On an H200 the old plan was every layer recomputing at the 32k cap; budget past 8k is not
+    # worth a recomputed layer (planner/plan.py), so fewer layers recompute at an 8k budget.
+    h200 = planned(LLAMA70B, gpu(1, 140.4)).train_plan
+    assert h200.token_budget == PARTIAL_AC_TARGET_BUDGET
+    assert h200.checkpoint_layers is not None and 0 < h200.checkpoint_layers < 80
 
 
 def test_a_catalog_override_forces_fsdp_over_the_fewest_gpus_that_fit() -> None:
@@ -177,6 +181,7 @@ def test_more_memory_never_gives_a_smaller_budget_for_a_fixed_strategy(
     entry: BaseModelEntry, strategy: str, checkpointing: bool
 ) -> None:
     """For a fixed strategy and checkpointing choice, fitting and the budget are monotone."""
+    assert entry.arch is not None
     s = shape(entry)
     previous = 0
     for memory in range(16, 260, 4):
@@ -189,7 +194,8 @@ def test_more_memory_never_gives_a_smaller_budget_for_a_fixed_strategy(
             continue
         found = plan_on(s, pool, strategy, 1, entry.max_seq_length)  # type: ignore[arg-type]
         assert found is not None and found.train_plan.token_budget is not None
-        if found.train_plan.gradient_checkpointing == checkpointing:
+        # Partial recompute: the budget is monotone for a fixed number of recomputed layers.
+        if found.train_plan.checkpoint_layers == (entry.arch.num_hidden_layers if checkpointing else 0):
             assert found.train_plan.token_budget >= previous
             previous = found.train_plan.token_budget
 
@@ -197,8 +203,9 @@ def test_more_memory_never_gives_a_smaller_budget_for_a_fixed_strategy(
 @pytest.mark.parametrize("entry", [LLAMA8B, LLAMA70B, TINY], ids=["8B", "70B", "tiny"])
 def test_the_plan_fits_and_only_gets_better_with_memory(entry: BaseModelEntry) -> None:
     """Across the strategy switches: whatever is planned fits; once something fits, more memory
-    keeps it fitting, never moves to a worse strategy, and never turns checkpointing back on; the
-    budget grows while the strategy and checkpointing stay (it may drop when AC goes: faster)."""
+    keeps it fitting, never moves to a worse strategy, and never checkpoints more layers; the
+    budget grows while the strategy and the checkpointed layers stay (it may drop when a layer
+    stops recomputing: faster)."""
     rank = {"lora": 0, "qlora": 1, "fsdp": 2}
     last: JobPlan | None = None
     for memory in range(8, 260, 2):
@@ -212,7 +219,10 @@ def test_the_plan_fits_and_only_gets_better_with_memory(entry: BaseModelEntry) -
             q = last.train_plan
             assert rank[p.strategy] <= rank[q.strategy]
             assert p.gradient_checkpointing <= q.gradient_checkpointing or p.strategy != q.strategy
-            if (p.strategy, p.gradient_checkpointing) == (q.strategy, q.gradient_checkpointing):
+            if p.strategy == q.strategy:
+                assert p.checkpoint_layers is not None and q.checkpoint_layers is not None
+                assert p.checkpoint_layers <= q.checkpoint_layers
+            if (p.strategy, p.checkpoint_layers) == (q.strategy, q.checkpoint_layers):
                 assert p.token_budget is not None and q.token_budget is not None
                 assert p.token_budget >= q.token_budget
         last = result

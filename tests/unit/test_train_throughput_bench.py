@@ -76,3 +76,17 @@ def test_70b_extrapolation_is_linear_in_layers() -> None:
     assert out["peak_gib_one_gpu"] == pytest.approx(20 + 10 / 4 * 76)
     weights = 10 + 6 / 4 * 76
     assert out["fsdp_peak_gib_per_gpu"]["8"] == pytest.approx(weights / 8 + (20 + 190 - weights), abs=0.1)
+
+
+def test_ckpt_layers_recomputes_only_the_first_k_layers(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--ckpt-layers K`` goes through the trainer's plan: the layers' own flags are read back."""
+    bench = _load_bench()
+    argv = ["--arch", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--kernels", "torch"]
+    assert bench.main([*argv, "--ckpt-layers", "1"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    (config,) = result["configs"]
+    assert result["ckpt_layers"] == 1 and config["ckpt_layers"] == 1 and config["layers"] == 2
+    assert "_ac1" in config["config"] and config["real_tok_s"] > 0
+    with pytest.raises(SystemExit):
+        bench.main([*argv, "--grad-ckpt", "--ckpt-layers", "0"])

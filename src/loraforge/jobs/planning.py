@@ -105,6 +105,7 @@ def public_plan(plan: dict[str, Any] | None) -> dict[str, Any] | None:
         "num_gpus",
         "token_budget",
         "gradient_checkpointing",
+        "checkpoint_layers",
         "estimated_peak_gib",
         "breakdown_gib",
         "summary",

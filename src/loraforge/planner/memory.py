@@ -27,16 +27,28 @@ every LoRA layer keeps an fp32 *copy* of its input and the measurement gives
 for this plan to hold. Cross-check: torchtune's Llama-3.2-3B row (PERF.md §2, packing, no AC, no
 compile, full CE: 60.0 GiB) implies 114 kB/token/layer for the blocks; the formula gives 119 kB.
 
-**Peak activation memory of a micro-batch of N tokens**::
+**Peak activation memory of a micro-batch of N tokens**, ``k`` of the ``L`` blocks checkpointed::
 
-    without checkpointing: N * (L*A + E) + max(loss, N*A)
-    with checkpointing:    N * (L*a*h + E) + max(loss, 2*N*A)
+    without checkpointing (k = 0): N * (L*A + E) + max(loss, N*A)
+    with checkpointing (k = L):    N * (L*a*h + E) + max(loss, 2*N*A)
+    partial (0 < k < L):           N * ((L-k)*A + k*a*h + E) + max(loss, N*A)
 
 ``E = 3*a*h`` per token outside the blocks (embedding output, final norm, lm_head input). The
 second term is the larger of two moments that never overlap: the loss's logits (freed before the
 first block's backward) and one block's backward workspace (its gradients, about one more ``A``;
 with checkpointing also that block's recomputed activations). Checkpointing keeps only each
 block's input (``a*h`` per token per layer).
+
+Partial: at the end of the forward pass each of the ``L-k`` blocks that keep their activations
+holds ``A`` per token and each checkpointed one its input ``a*h``: the first term, whose ends are
+the two cases above. The trainer checkpoints the *first* ``k`` blocks (trainer/recompute.py), and
+backward runs from the last block down: while ``k < L`` the first backward is that of a block
+that kept its activations (workspace ``N*A``), and the first recompute (workspace ``2*N*A``) comes
+after the ``L-k`` kept blocks have freed ``(L-k)*N*A >= N*A``, so it never raises the peak:
+the transient stays ``max(loss, N*A)``; only at ``k = L`` does a recompute meet the full saved set.
+(Checkpointing the last block instead would cost one more ``N*A`` for nothing.) So memory falls
+by ``N*(A - a*h)`` per checkpointed block, and the step's compute grows by about ``k/L`` of the
+full-recompute cost (one more forward of those blocks).
 
 **Loss**: cross-entropy over ``V`` logits costs ``12 * V`` bytes per token at its peak (backward
 of the log-softmax: its saved fp32 output 4, the incoming gradient 4 and the input gradient 4; in
@@ -184,11 +196,13 @@ class MemoryEstimate:
     device: Device
     num_devices: int
     tokens: int
-    checkpointing: bool
+    checkpointing: bool  # some block recomputes (checkpoint_layers > 0)
+    checkpoint_layers: int  # k: the first k blocks recompute
+    layers: int  # L: the model's blocks
     weights: float
     gathered: float  # FSDP all-gathered blocks, or QLoRA's dequantised linears
     lora_states: float
-    activations: float  # saved for backward: every block's, or only block inputs (checkpointing)
+    activations: float  # saved for backward: all of a kept block's, a checkpointed block's input
     transient: float  # max(loss logits, one block's backward workspace): they never overlap
     reserved: float  # outside the allocator (CUDA context, workspaces)
 
@@ -226,7 +240,8 @@ def estimate(
     strategy: Strategy,
     device: Device,
     tokens: int,
-    checkpointing: bool,
+    checkpointing: bool = False,
+    checkpoint_layers: int | None = None,
     num_devices: int = 1,
     chunked_loss: bool | None = None,
     fp32_adapter_inputs: bool = False,
@@ -238,7 +253,9 @@ def estimate(
         strategy: ``lora`` (catalog dtype), ``qlora`` (NF4 base) or ``fsdp`` (sharded bf16).
         device: ``cuda`` or ``cpu``.
         tokens: tokens in the micro-batch.
-        checkpointing: whether blocks recompute their activations in backward.
+        checkpointing: whether blocks recompute their activations in backward (all or none).
+        checkpoint_layers: how many blocks recompute (the first ``k``); None follows
+            ``checkpointing``. Clamped to ``[0, L]``.
         num_devices: GPUs the run is sharded over (FSDP); 1 otherwise.
         chunked_loss: chunked cross-entropy (default: on CUDA, the trainer's ``loss: auto``).
         fp32_adapter_inputs: the stock PEFT stack (see :meth:`RunShape.layer_activation_bytes`),
@@ -271,13 +288,13 @@ def estimate(
 
     per_layer = shape.layer_activation_bytes(a, fp32_adapter_inputs)
     outside = 3 * a * h
-    saved: float
-    if checkpointing:
-        saved = tokens * (n_layers * a * h + outside)
-        workspace = 2 * tokens * per_layer  # the recomputed block + its backward
-    else:
-        saved = tokens * (n_layers * per_layer + outside)
-        workspace = tokens * per_layer
+    k = (n_layers if checkpointing else 0) if checkpoint_layers is None else checkpoint_layers
+    k = max(0, min(k, n_layers))
+    # Kept blocks hold A per token, checkpointed ones their input (module docstring, "partial").
+    saved = float(tokens * ((n_layers - k) * per_layer + k * a * h + outside))
+    # A recompute (the recomputed block + its backward) meets the full saved set only when every
+    # block is checkpointed; otherwise the first backward is a kept block's (its gradients only).
+    workspace = (2 if k == n_layers else 1) * tokens * per_layer
     chunked = device == "cuda" if chunked_loss is None else chunked_loss
     loss_tokens = min(tokens, CE_CHUNK_TOKENS) if chunked else tokens
     loss = float(loss_tokens * vocab * CE_BYTES_PER_LOGIT)
@@ -287,7 +304,9 @@ def estimate(
         device=device,
         num_devices=n,
         tokens=tokens,
-        checkpointing=checkpointing,
+        checkpointing=k > 0,
+        checkpoint_layers=k,
+        layers=n_layers,
         weights=weights,
         gathered=gathered,
         lora_states=lora_states,

@@ -14,12 +14,20 @@ e.g. ``fsdp`` for bf16 70B) and FSDP's GPU count (``training.gpus``). Within a s
 are tried in the entry's ``training.devices`` order, then in the configured order.
 
 Activation checkpointing is on only when a micro-batch of ``max_seq_length`` tokens does not fit
-without it (recompute costs a third more FLOPs for LoRA, PERF.md §4). The token budget is the
-largest micro-batch (real tokens, packed) that fits, rounded down to a multiple of 256 and capped
-at ``TOKEN_BUDGET_CAP``: past a few thousand tokens a micro-batch already fills an H100, and a
-bigger one only buys fewer optimizer-step boundaries. Consequence: the budget of a plan is
-monotone in device memory only for a fixed strategy and checkpointing choice; when more memory
-lets checkpointing go (or bf16 replace NF4), the budget may shrink while the run gets faster.
+without it (full recompute costs a third to a half more compute for LoRA, PERF.md §4), and then on
+as few decoder layers as the memory needs (the first ``k``: trainer/recompute.py; each costs
+about ``1/L`` of the full-recompute price). The token budget is the largest micro-batch (real
+tokens, packed) that fits, rounded down to a multiple of 256 and capped at ``TOKEN_BUDGET_CAP``:
+past a few thousand tokens a micro-batch already fills an H100, and a bigger one only buys fewer
+optimizer-step boundaries. So with recompute the planner does not buy budget with layers: it
+takes the smallest ``k`` at which ``PARTIAL_AC_TARGET_BUDGET`` tokens (or ``max_seq_length``,
+whichever is larger) fit, and then the largest budget that ``k`` allows. When even ``k = L`` does
+not reach that target, the ``k`` with the largest budget (ties: the fewest layers) is taken.
+Without recompute (``k = 0``) nothing changes: the largest budget from ``max_seq_length`` up.
+On a CPU pool (no budget: one micro-batch of ``batch_size x max_seq_length`` tokens) ``k`` is the
+smallest that fits that micro-batch. Consequences: ``k`` never grows with device memory, and the
+budget is monotone in memory only for a fixed strategy and ``k``; when more memory lets layers
+stop recomputing (or bf16 replace NF4), the budget may shrink while the run gets faster.
 """
 
 from __future__ import annotations
@@ -35,6 +43,9 @@ from loraforge.trainer.spec import TrainPlan
 
 TOKEN_BUDGET_CAP = 32768
 TOKEN_BUDGET_STEP = 256
+# With recompute, the budget the fewest checkpointed layers must reach (module docstring): at 8k
+# tokens an 8B step already runs at full speed (FACTS_GPU), more is not worth a recomputed layer.
+PARTIAL_AC_TARGET_BUDGET = 8192
 PREFERENCE: tuple[Strategy, ...] = ("lora", "qlora", "fsdp")
 
 
@@ -48,8 +59,8 @@ class JobPlan:
     estimate: MemoryEstimate | None
 
     def summary(self) -> str:
-        """One line for the job's events, e.g. ``lora on 1× cuda 80 GiB (pool gpu), token budget
-        8,448, no activation checkpointing; est. peak 71 GiB``."""
+        """One line for the job's events, e.g. ``lora on 1× cuda 48 GiB (pool gpu), token budget
+        8,192, activation checkpointing on 9 of 32 layers; est. peak 43 GiB``."""
         p, plan = self.pool, self.train_plan
         where = (
             f"{p.device} {p.memory_gib:g} GiB"
@@ -61,7 +72,12 @@ class JobPlan:
             if plan.token_budget is not None
             else "one micro-batch per step"
         )
-        ckpt = "activation checkpointing" if plan.gradient_checkpointing else "no activation checkpointing"
+        ckpt = "no activation checkpointing"
+        if plan.gradient_checkpointing:
+            ckpt = "activation checkpointing"
+            if self.estimate is not None:
+                k, layers = self.estimate.checkpoint_layers, self.estimate.layers
+                ckpt = f"activation checkpointing on {k} of {layers} layers"
         peak = (
             f"est. peak {self.estimate.peak / GIB:.0f} GiB"
             if self.estimate is not None
@@ -87,7 +103,7 @@ class NoFit:
     """Why nothing fits: the smallest single-GPU need and the pools that were tried."""
 
     # Device memory one GPU would need (cheapest single-GPU strategy, a max_seq_length micro-batch,
-    # checkpointing on, headroom included); None when only FSDP was allowed.
+    # the cheapest number of recomputed layers, headroom included); None when only FSDP was allowed.
     required_gib: float | None
     strategy: Strategy | None
     pools: tuple[TrainPool, ...]
@@ -152,28 +168,57 @@ def plan_on(
     if device == "cpu":
         max_seq_length *= max(batch_size, 1)  # the CPU trainer's micro-batch is the whole step
 
-    def at(tokens: int, ckpt: bool) -> MemoryEstimate:
+    def at(tokens: int, k: int) -> MemoryEstimate:
         return estimate(
-            shape, strategy=strategy, device=device, tokens=tokens, checkpointing=ckpt, num_devices=num_gpus
+            shape, strategy=strategy, device=device, tokens=tokens, checkpoint_layers=k, num_devices=num_gpus
         )
 
-    for ckpt in (False, True):
-        if not at(max_seq_length, ckpt).fits(pool.memory_gib):
-            continue
-        budget: int | None = None
-        tokens = max_seq_length
-        if device == "cuda":
-            cap = max(TOKEN_BUDGET_CAP, max_seq_length)
-            fits = lambda n, c=ckpt: at(n, c).fits(pool.memory_gib)  # noqa: E731
-            budget = tokens = _largest_fitting(fits, max_seq_length, cap)
-        plan = TrainPlan(
-            strategy=strategy,
-            num_gpus=num_gpus if device == "cuda" else 0,
-            token_budget=budget,
-            gradient_checkpointing=ckpt,
-        )
-        return JobPlan(pool=pool, train_plan=plan, estimate=at(tokens, ckpt))
-    return None
+    def fits(tokens: int, k: int) -> bool:
+        return at(tokens, k).fits(pool.memory_gib)
+
+    k = _checkpoint_layers(fits, shape.arch.num_hidden_layers, max_seq_length, device == "cuda")
+    if k is None:
+        return None
+    budget: int | None = None
+    tokens = max_seq_length
+    if device == "cuda":
+        cap = max(TOKEN_BUDGET_CAP, max_seq_length)
+        budget = tokens = _largest_fitting(lambda n: fits(n, k), max_seq_length, cap)
+    plan = TrainPlan(
+        strategy=strategy,
+        num_gpus=num_gpus if device == "cuda" else 0,
+        token_budget=budget,
+        gradient_checkpointing=k > 0,
+        checkpoint_layers=k,
+    )
+    return JobPlan(pool=pool, train_plan=plan, estimate=at(tokens, k))
+
+
+def _checkpoint_layers(
+    fits: Callable[[int, int], bool], num_layers: int, max_seq_length: int, budgeted: bool
+) -> int | None:
+    """How many layers recompute (module docstring for the policy); None when nothing fits.
+
+    Args:
+        fits: whether ``(tokens, k)`` fits the device.
+        num_layers: ``L``.
+        max_seq_length: the micro-batch that must fit (CPU: the whole step's).
+        budgeted: a GPU plan (a token budget is chosen after ``k``); False on a CPU pool.
+    """
+    if fits(max_seq_length, 0):
+        return 0
+    fitting = [k for k in range(1, num_layers + 1) if fits(max_seq_length, k)]
+    if not fitting:
+        return None
+    if not budgeted:
+        return fitting[0]
+    cap = max(TOKEN_BUDGET_CAP, max_seq_length)
+    target = min(max(PARTIAL_AC_TARGET_BUDGET, max_seq_length), cap)
+    for k in fitting:
+        if fits(target, k):
+            return k
+    # Nothing reaches the target: the most tokens per micro-batch (fewest layers among equals).
+    return max(fitting, key=lambda k: (_largest_fitting(lambda n: fits(n, k), max_seq_length, cap), -k))
 
 
 def _ordered_pools(entry: BaseModelEntry, pools: Sequence[TrainPool]) -> list[TrainPool]:
@@ -239,9 +284,11 @@ def _no_fit(
     for strategy in strategies:
         if strategy == "fsdp":
             continue  # its need depends on the GPU count; the single-GPU figure is the clear one
-        peak = estimate(
-            shape, strategy=strategy, device="cuda", tokens=max_seq_length, checkpointing=True
-        ).peak
+        # The least over every number of recomputed layers (not always all of them: memory.py).
+        peak = min(
+            estimate(shape, strategy=strategy, device="cuda", tokens=max_seq_length, checkpoint_layers=k).peak
+            for k in range(shape.arch.num_hidden_layers + 1)
+        )
         need = peak / (1 - ALLOCATOR_HEADROOM) / GIB
         if best is None or need < best[0]:
             best = (need, strategy)

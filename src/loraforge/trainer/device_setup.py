@@ -33,6 +33,7 @@ import torch
 
 from loraforge.catalog.catalog import BaseModelEntry
 from loraforge.trainer.distributed import world_size
+from loraforge.trainer.recompute import apply_activation_checkpointing, decoder_layers
 from loraforge.trainer.spec import TrainPlan
 
 logger = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def load_base(entry: BaseModelEntry, models_dir: Path, device: torch.device, pla
 
 
 def prepare_for_training(model: Any, plan: TrainPlan, device_type: str, dtype: torch.dtype | None) -> Any:
-    """Recompute, LoRA input casting and compile, on the PEFT model, as the plan says.
+    """Recompute (the plan's first ``k`` layers, :mod:`.recompute`), LoRA input casting and compile.
 
     Args:
         model: the PEFT model (LoRA layers injected).
@@ -244,9 +245,8 @@ def prepare_for_training(model: Any, plan: TrainPlan, device_type: str, dtype: t
     Returns:
         ``model`` (changed in place).
     """
-    if plan.gradient_checkpointing:
-        # Non-reentrant: works with frozen inputs (no enable_input_require_grads) and with compile.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # Before compile: each compiled layer then traces the variant its own flag selects.
+    apply_activation_checkpointing(model, plan)
     if dtype is not None:
         # Under autocast the LoRA matmuls run in ``dtype`` anyway; PEFT's upcast of the input
         # to the fp32 adapter weights would only add a saved copy per adapted layer.
@@ -254,10 +254,10 @@ def prepare_for_training(model: Any, plan: TrainPlan, device_type: str, dtype: t
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = False
     if plan.compile and device_type == "cuda":
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        # Per decoder layer (as torchtitan does): one small graph reused by every layer; mask
-        # building, the chunked loss and PEFT's Python bookkeeping stay eager.
-        for layer in base.get_decoder().layers:
+        # Per decoder layer (as torchtitan does): one small graph reused by every layer (two with
+        # partial recompute: checkpointed and not); mask building, the chunked loss and PEFT's
+        # Python bookkeeping stay eager.
+        for layer in decoder_layers(model):
             layer.compile()
     return model
 

@@ -56,14 +56,50 @@ class TrainPlan(BaseModel):
     # Real (non-padding) tokens per packed micro-batch; None means one micro-batch per optimizer
     # step (all of the step's examples at once), the CPU default.
     token_budget: int | None = Field(default=None, ge=8)
-    # Recompute activations in backward; only when the memory plan needs it.
+    # Recompute activations in backward; only when the memory plan needs it. True when any decoder
+    # layer recomputes (``checkpoint_layers`` says how many; None: all of them).
     gradient_checkpointing: bool = False
+    # Decoder layers that recompute their activations in backward (the first k, see
+    # trainer/recompute.py); None follows ``gradient_checkpointing`` (all layers or none), 0 is none.
+    # Given alone it sets ``gradient_checkpointing`` (k > 0); given with it, the two must agree.
+    checkpoint_layers: int | None = Field(default=None, ge=0)
     # Padding-free packing: the step's examples concatenated with restarting position ids.
     packing: bool = True
     # torch.compile the model (GPU only; ignored on CPU).
     compile: bool = False
     # "auto": chunked linear cross-entropy on CUDA (fused kernel when available), plain on CPU.
     loss: Literal["auto", "chunked", "full"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_gradient_checkpointing(cls, data: Any) -> Any:
+        # checkpoint_layers alone is enough to say whether recompute is on.
+        if isinstance(data, dict) and data.get("checkpoint_layers") is not None:
+            data = {"gradient_checkpointing": data["checkpoint_layers"] > 0, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check_checkpointing(self) -> TrainPlan:
+        k = self.checkpoint_layers
+        if k is not None and self.gradient_checkpointing != (k > 0):
+            raise ValueError(
+                f"gradient_checkpointing={self.gradient_checkpointing} contradicts checkpoint_layers={k} "
+                "(gradient_checkpointing is true exactly when some layer recomputes)"
+            )
+        return self
+
+    def checkpointed_layers(self, num_layers: int) -> int:
+        """How many of ``num_layers`` decoder layers recompute their activations.
+
+        Args:
+            num_layers: the model's decoder layers.
+
+        Returns:
+            ``checkpoint_layers`` (at most ``num_layers``), or all/none by ``gradient_checkpointing``.
+        """
+        if self.checkpoint_layers is None:
+            return num_layers if self.gradient_checkpointing else 0
+        return min(self.checkpoint_layers, num_layers)
 
 
 class TrainSpec(BaseModel):
