@@ -55,6 +55,7 @@ def worker(
     It trains the jobs planned onto the pools it serves (queue ``train.<pool>`` each).
     """
     from loraforge.db.session import migrate
+    from loraforge.planner.gpus import GpuDetectionError
     from loraforge.planner.pools import resolve_pools
     from loraforge.queue.celery_app import create_celery
     from loraforge.queue.routing import worker_queues
@@ -63,8 +64,10 @@ def worker(
     if queues is None:
         served = [p.strip() for p in pools.split(",") if p.strip()] if pools else None
         try:
-            queues = ",".join(worker_queues(resolve_pools(settings), served))
-        except ValueError as exc:
+            # The queues are fixed for the worker's life: a failed GPU detection must not make
+            # it a CPU-only worker silently (serve_children_env says why).
+            queues = ",".join(worker_queues(resolve_pools(settings, at_start=True), served))
+        except (ValueError, GpuDetectionError) as exc:
             err.print(f"[red]{exc}[/red]")
             raise typer.Exit(2) from exc
     migrate(settings)
@@ -132,11 +135,23 @@ def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
     differed in one of them would plan jobs onto a queue the worker does not consume. Detected
     pools leave the engine its GPU (``planner.pools.serve_layout``).
 
+    Detection that *fails* (``nvidia-smi`` there but timing out or erroring, as opposed to absent:
+    no GPU) is retried a few times and then raised, and ``serve`` exits with the reason. Why not
+    carry on CPU-only: the pools are fixed for the children's life, so every GPU model would be
+    refused at creation and every GPU job already queued would wait for a pool that never
+    comes, with nothing telling the operator why. An exit is loud, a supervisor's restart retries
+    the detection, and an operator who wants no GPU sets ``LORAFORGE_TRAIN_POOLS`` (never
+    detected). Marking pools "unknown" instead would need every planner caller to handle a third
+    state, for a condition (a wedged driver) that needs the operator anyway.
+
     Args:
         settings: this process's settings.
 
     Returns:
         Child name -> its full environment.
+
+    Raises:
+        GpuDetectionError: detection kept failing (see above).
     """
     from loraforge.catalog import load_catalog
     from loraforge.planner.pools import serve_layout
@@ -151,10 +166,19 @@ def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
 def serve() -> None:
     """Run API + worker + engine as child processes (the embedded default: no servers needed)."""
     from loraforge.db.session import migrate
+    from loraforge.planner.gpus import GpuDetectionError
 
     settings = get_settings()
     migrate(settings)
-    envs = serve_children_env(settings)
+    try:
+        envs = serve_children_env(settings)
+    except GpuDetectionError as exc:
+        err.print(
+            f"[red]{exc}. nvidia-smi is installed but does not answer, so the GPU pools are "
+            "unknown; not starting CPU-only. Fix the driver (or its persistence daemon) and start "
+            "again, or set LORAFORGE_TRAIN_POOLS to the pools to serve.[/red]"
+        )
+        raise typer.Exit(2) from exc
     children = {name: _spawn([name], envs[name]) for name in ("engine", "worker", "api")}
     err.print(
         f"[bold]loraforge[/bold] API on http://{settings.api_host}:{settings.api_port}/v1, engine for "

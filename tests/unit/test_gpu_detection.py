@@ -16,7 +16,7 @@ import pytest
 
 from loraforge.planner import gpus
 from loraforge.planner.pools import resolve_pools
-from loraforge.settings import Settings
+from loraforge.settings import Settings, TrainPool
 
 
 @pytest.fixture(autouse=True)
@@ -100,3 +100,38 @@ def test_a_success_is_cached_and_concurrent_first_callers_share_one_run(tmp_path
 def test_no_nvidia_smi_means_no_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert gpus.detect_gpus() == ()
+
+
+def test_at_start_a_failing_nvidia_smi_is_retried_then_raised_not_taken_as_no_gpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What serve and worker fix their pools with: before, a failure answered () ("no GPU") and
+    the process served CPU-only for its whole life."""
+    counter = fake_smi(tmp_path, "echo 'NVIDIA-SMI has failed' >&2; exit 9")
+    with pytest.raises(gpus.GpuDetectionError, match="failed 3 times: nvidia-smi exited with 9"):
+        gpus.detect_gpus_at_start(attempts=3, pause_seconds=0.0)
+    assert runs(counter) == 3
+    with pytest.raises(gpus.GpuDetectionError):
+        resolve_pools(Settings(home=tmp_path), at_start=True)
+    # Configured pools are never detected: the way to run deliberately without a GPU.
+    configured = Settings(home=tmp_path, train_pools=[TrainPool(name="cpu", device="cpu", memory_gib=8)])
+    assert [p.name for p in resolve_pools(configured, at_start=True)] == ["cpu"]
+
+
+def test_at_start_a_transient_failure_is_retried_until_it_answers(tmp_path: Path) -> None:
+    # Fails on its first run (a driver still loading), answers on the second.
+    counter = fake_smi(tmp_path, f'[ "$(wc -l < {tmp_path / "runs"})" -gt 1 ] || exit 9\necho 81559')
+    assert gpus.detect_gpus_at_start(attempts=3, pause_seconds=0.0) == (gpus.Gpu("0", 79.6),)
+    assert runs(counter) == 2
+
+
+def test_at_start_no_nvidia_smi_is_still_no_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert gpus.detect_gpus_at_start(attempts=3, pause_seconds=0.0) == ()
+
+
+def test_a_driver_with_no_devices_is_no_gpu_not_a_failure(tmp_path: Path) -> None:
+    # nvidia-smi's answer on a host whose driver sees no GPU (exit code 6): serve must start CPU-only.
+    counter = fake_smi(tmp_path, "echo 'No devices were found'; exit 6")
+    assert gpus.detect_gpus_at_start(attempts=3, pause_seconds=0.0) == ()
+    assert runs(counter) == 1

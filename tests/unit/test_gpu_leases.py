@@ -19,8 +19,9 @@ from openai import OpenAI
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from loraforge.db.models import Job
+from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import make_engine, make_sessionmaker
+from loraforge.jobs import gpu_leases
 from loraforge.jobs.gpu_leases import lock_path, try_acquire
 from loraforge.jobs.worker import run_training
 from loraforge.queue import tasks
@@ -90,6 +91,31 @@ def test_a_dead_workers_lease_is_freed_by_the_os(tmp_path: Path) -> None:
         holder.wait()
     assert try_acquire(tmp_path, ["0"], 1) is not None
     assert lock_path(tmp_path, "GPU-ab/c").name == "gpu-GPU-ab_c.lock"
+
+
+def test_a_lock_that_raises_releases_the_locks_already_taken(tmp_path: Path) -> None:
+    """Before: GPU 0's descriptor stayed open (and locked) when GPU 1's lock file raised."""
+    lock_path(tmp_path, "1").mkdir(parents=True)  # os.open(O_RDWR) of a directory: an OSError
+    with pytest.raises(IsADirectoryError):
+        try_acquire(tmp_path, ["0", "1"], 2)
+    again = try_acquire(tmp_path, ["0"], 1)  # a leaked flock on GPU 0 would answer None here
+    assert again is not None
+    again.release()
+
+
+def test_leases_are_per_host_even_when_the_home_is_shared(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On NFS flock is cluster-wide: GPU 0 of host a must not block GPU 0 of host b."""
+    monkeypatch.setattr(gpu_leases.socket, "gethostname", lambda: "host-a")
+    assert lock_path(tmp_path, "0") == tmp_path / "run" / "gpu-leases" / "host-a" / "gpu-0.lock"
+    on_a = try_acquire(tmp_path, ["0"], 1)
+    assert on_a is not None and try_acquire(tmp_path, ["0"], 1) is None
+    monkeypatch.setattr(gpu_leases.socket, "gethostname", lambda: "host-b")
+    on_b = try_acquire(tmp_path, ["0"], 1)
+    assert on_b is not None
+    on_a.release()
+    on_b.release()
 
 
 # --- the worker: lease before start, CUDA_VISIBLE_DEVICES for the trainer, wait re-queued ---
@@ -201,3 +227,77 @@ def test_a_cpu_job_needs_no_lease(  # type: ignore[no-untyped-def]
     assert (tmp_path / "env").read_text() == " \n"  # no CUDA_VISIBLE_DEVICES from a lease
     assert held is not None
     held.release()
+
+
+def events(sessions: sessionmaker[Session], job_id: str) -> list[str]:
+    with sessions() as session:
+        rows = session.execute(select(JobEvent.message).where(JobEvent.job_id == job_id)).scalars()
+        return list(rows)
+
+
+def test_an_unexpected_lease_error_keeps_the_job_queued_with_one_event(  # type: ignore[no-untyped-def]
+    gpu_settings: Settings, make_key, sessions: sessionmaker[Session], tmp_path: Path
+) -> None:
+    """A lock file that cannot be opened is the host's problem: the job waits (re-sent) and says
+    why once, instead of the train task dying with an unhandled OSError."""
+    from loraforge.api.app import create_app
+    from tests.conftest import RecordingDispatcher
+
+    with TestClient(create_app(gpu_settings, dispatcher=RecordingDispatcher())) as api:
+        (job_id,) = queued_8b_jobs(api, make_key("acme"), sessions, 1)
+    lock_path(gpu_settings.home, "3").mkdir(parents=True)
+    first = run_training(gpu_settings, sessions, job_id)
+    second = run_training(gpu_settings, sessions, job_id, wait_token=first)
+    assert first is not None and second is not None and second > first
+    assert job(sessions, job_id).status == "queued" and not (tmp_path / "env").exists()
+    assert sum("could not lease GPUs (IsADirectoryError" in m for m in events(sessions, job_id)) == 1
+
+
+def test_a_plan_for_more_gpus_than_the_pool_has_now_is_planned_again_not_failed(  # type: ignore[no-untyped-def]
+    gpu_settings: Settings, make_key, sessions: sessionmaker[Session], tmp_path: Path, monkeypatch
+) -> None:
+    """The pool shrank from 2 GPUs to 1 after planning: before, admit failed the job ("the plan
+    needs 2 GPUs"); now it waits and its re-send re-plans it onto what the pool has."""
+    from loraforge.api.app import create_app
+    from tests.conftest import RecordingDispatcher
+
+    with TestClient(create_app(gpu_settings, dispatcher=RecordingDispatcher())) as api:
+        (job_id,) = queued_8b_jobs(api, make_key("acme"), sessions, 1)
+    with sessions() as session:
+        row = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
+        row.plan = {**(row.plan or {}), "strategy": "fsdp", "num_gpus": 2}
+        session.commit()
+    token = run_training(gpu_settings, sessions, job_id)
+    assert token is not None and job(sessions, job_id).status == "queued"
+    assert not (tmp_path / "env").exists()
+    sent: list[Any] = []
+    monkeypatch.setattr(tasks, "get_settings", lambda: gpu_settings)
+    monkeypatch.setattr(tasks, "_sessions", lambda: sessions)
+    monkeypatch.setattr(
+        tasks.train_job_task, "apply_async", lambda args, queue, countdown: sent.append(queue)
+    )
+    tasks.queue_training(job_id, token)
+    plan = job(sessions, job_id).plan
+    assert sent == ["train.gpu"] and plan is not None and plan["num_gpus"] == 1
+    with sessions() as session:
+        last = session.execute(
+            select(JobEvent.data).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc())
+        ).scalars()
+        assert next(iter(last))["reason"] == "Its plan needs 2 GPUs and pool 'gpu' now has 1"
+
+
+def test_an_invalid_kernels_setting_fails_the_job_before_the_trainer_starts(  # type: ignore[no-untyped-def]
+    gpu_settings: Settings, make_key, sessions: sessionmaker[Session], tmp_path: Path, monkeypatch
+) -> None:
+    from loraforge.api.app import create_app
+    from tests.conftest import RecordingDispatcher
+
+    with TestClient(create_app(gpu_settings, dispatcher=RecordingDispatcher())) as api:
+        (job_id,) = queued_8b_jobs(api, make_key("acme"), sessions, 1)
+    monkeypatch.setenv("LORAFORGE_KERNELS", "ligre")
+    assert run_training(gpu_settings, sessions, job_id) is None
+    failed = job(sessions, job_id)
+    assert failed.status == "failed" and failed.error is not None
+    assert "LORAFORGE_KERNELS='ligre': expected one of auto, liger, torch" in failed.error["message"]
+    assert not (tmp_path / "env").exists()  # the trainer never ran
+    assert try_acquire(gpu_settings.home, ["3"], 1) is not None  # and its lease was given back

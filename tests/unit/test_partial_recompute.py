@@ -12,7 +12,6 @@ from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.catalog.catalog import ModelArch
 from loraforge.planner import JobPlan, plan_job
 from loraforge.planner.memory import GIB, RunShape, estimate
-from loraforge.planner.plan import PARTIAL_AC_TARGET_BUDGET
 from loraforge.settings import TrainPool
 from loraforge.trainer.spec import TrainPlan
 
@@ -84,13 +83,13 @@ def test_8b_on_a_48gb_card_recomputes_only_some_layers_and_says_so() -> None:
     p = result.train_plan
     k = p.checkpoint_layers
     assert p.strategy == "lora" and p.gradient_checkpointing and k is not None and 0 < k < L8B
-    assert p.token_budget is not None and p.token_budget >= PARTIAL_AC_TARGET_BUDGET
+    # The target is max_seq_length (8,192 here, above RECOMPUTE_MIN_TOKENS): the budget reaches it.
+    target = LLAMA8B.max_seq_length
+    assert p.token_budget is not None and p.token_budget >= target
     assert result.estimate is not None and result.estimate.fits(48)
-    # The fewest layers: one fewer does not fit the target budget.
+    # The fewest layers: one fewer does not fit the target micro-batch.
     s = RunShape(ARCH8B, 16, tuple(ALL_LINEAR))
-    fewer = estimate(
-        s, strategy="lora", device="cuda", tokens=PARTIAL_AC_TARGET_BUDGET, checkpoint_layers=k - 1
-    )
+    fewer = estimate(s, strategy="lora", device="cuda", tokens=target, checkpoint_layers=k - 1)
     assert not fewer.fits(48)
     assert f"activation checkpointing on {k} of {L8B} layers" in result.summary()
     assert result.to_record()["checkpoint_layers"] == k
@@ -109,6 +108,68 @@ def test_checkpointed_layers_grow_monotonically_as_memory_shrinks() -> None:
     ks = [k for _, k in seen]
     assert ks == sorted(ks), seen
     assert ks[0] == 0 and any(0 < k < L8B for k in ks), seen  # none, then partial
+
+
+_70B = load_catalog().get("meta-llama/Llama-3.3-70B-Instruct")
+assert _70B is not None
+
+
+@pytest.mark.parametrize("entry", [LLAMA8B, _70B], ids=["8B", "70B"])
+@pytest.mark.parametrize("max_seq_length", [512, 1024, 2048, 4096, 8192])
+def test_recompute_policy_is_minimal_and_monotone(entry: BaseModelEntry, max_seq_length: int) -> None:
+    """planner/plan.py rules 1-3, swept over memory: (b) no recompute when max_seq_length fits
+    without it; (a) never more layers than the fewest that fit max(max_seq_length, the floor),
+    so layers are never bought for budget (before: 8B at 32 GiB / 2,048 recomputed 31 of 32
+    layers for an 11k budget where 11 layers fit 2,048 tokens); (c) for a fixed strategy more
+    memory never recomputes more layers (before: 8B / 512 went from 29 layers at 22 GiB to all
+    32 at 24 GiB, its fallback chasing the largest budget)."""
+    from loraforge.planner.plan import RECOMPUTE_MIN_TOKENS
+
+    assert entry.arch is not None
+    target = max(max_seq_length, RECOMPUTE_MIN_TOKENS)
+    last: tuple[str, int] | None = None
+    for tenths in range(100, 1500, 5):
+        memory = tenths / 10
+        pool = TrainPool(name="gpu", device="cuda", count=1, memory_gib=memory)
+        result = plan_job(entry, [pool], lora_r=16, target_modules=ALL_LINEAR, max_seq_length=max_seq_length)
+        if not isinstance(result, JobPlan):
+            assert last is None, f"{memory} GiB no longer fits"
+            continue
+        p = result.train_plan
+        k = p.checkpoint_layers
+        assert k is not None and p.strategy != "fsdp"
+        shape = RunShape(entry.arch, 16, tuple(ALL_LINEAR), entry.training.dtype)
+
+        def fits(
+            tokens: int, layers: int, p: TrainPlan = p, memory: float = memory, shape: RunShape = shape
+        ) -> bool:
+            return estimate(
+                shape, strategy=p.strategy, device="cuda", tokens=tokens, checkpoint_layers=layers
+            ).fits(memory)
+
+        if fits(max_seq_length, 0):
+            assert k == 0, (memory, k)  # (b)
+        elif fits(target, k):
+            assert not any(fits(target, j) for j in range(k)), (memory, k)  # (a): the fewest
+        if last is not None and last[0] == p.strategy:
+            assert k <= last[1], (memory, k, last)  # (c)
+        last = (p.strategy, k)
+
+
+def test_8b_at_32_gib_with_2k_sequences_recomputes_a_third_of_the_layers_not_all() -> None:
+    pool = TrainPool(name="gpu", device="cuda", count=1, memory_gib=32)
+    result = plan_job(LLAMA8B, [pool], lora_r=16, target_modules=ALL_LINEAR, max_seq_length=2048)
+    assert isinstance(result, JobPlan)
+    # The formula's numbers (the review's sweep): 11 layers fit 2,048 tokens; 31 bought 11,008.
+    assert (result.train_plan.checkpoint_layers, result.train_plan.token_budget) == (11, 2048)
+
+
+def test_a_non_integer_checkpoint_layers_is_a_validation_error() -> None:
+    for bad in ("x", 2.5, [1], {"k": 1}):
+        with pytest.raises(ValidationError):
+            TrainPlan(checkpoint_layers=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        TrainPlan.model_validate({"checkpoint_layers": "some"})
 
 
 # ---------------------------------------------------------------- the trainer's per-layer flags

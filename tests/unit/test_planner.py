@@ -14,7 +14,7 @@ from loraforge.errors import InvalidRequestError
 from loraforge.jobs.planning import CODE, plan_for
 from loraforge.planner import JobPlan, NoFit, gpus, plan_job
 from loraforge.planner.memory import GIB, RunShape, estimate, lora_params, total_params
-from loraforge.planner.plan import PARTIAL_AC_TARGET_BUDGET, TOKEN_BUDGET_STEP, plan_on
+from loraforge.planner.plan import TOKEN_BUDGET_STEP, plan_on
 from loraforge.planner.pools import resolve_pools
 from loraforge.settings import Settings, TrainPool
 
@@ -126,10 +126,11 @@ def test_70b_is_qlora_on_one_gpu_even_on_an_8_gpu_pool() -> None:
     eight = planned(LLAMA70B, gpu(8, 80, "h100x8"))
     # Fewest GPUs first: QLoRA on one of the eight leaves seven for other jobs.
     assert (eight.train_plan.strategy, eight.train_plan.num_gpus, eight.pool.name) == ("qlora", 1, "h100x8")
-    # On an H200 the old plan was every layer recomputing at the 32k cap; budget past 8k is not
-    # worth a recomputed layer (planner/plan.py), so fewer layers recompute at an 8k budget.
+    # On an H200 the old plan was every layer recomputing at the 32k cap; layers are not bought
+    # for budget (planner/plan.py): the fewest that fit max_seq_length (8,192), and the largest
+    # budget at that k is 8,192 too.
     h200 = planned(LLAMA70B, gpu(1, 140.4)).train_plan
-    assert h200.token_budget == PARTIAL_AC_TARGET_BUDGET
+    assert h200.token_budget == LLAMA70B.max_seq_length == 8192
     assert h200.checkpoint_layers is not None and 0 < h200.checkpoint_layers < 80
 
 

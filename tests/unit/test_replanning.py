@@ -1,6 +1,8 @@
-"""Dispatch re-plans a job without a usable plan: none (created before plans) or a pool that is
-no longer configured; a job that fits no pool any more is failed, not left queued. And
-``loraforge serve`` resolves the pools once and hands the same list to the API and the worker."""
+"""Dispatch re-plans a job without a usable plan: none (created before plans), a pool that is no
+longer configured, or a pool that shrank under it. A job that never had a plan and fits nothing is
+failed; one whose pool went away or shrank stays queued with one warning event (the pools may
+come back). And ``loraforge serve`` resolves the pools once, hands the same list to the API and
+the worker, and refuses to start CPU-only when GPU detection fails."""
 
 from __future__ import annotations
 
@@ -118,7 +120,7 @@ def test_a_job_planned_onto_a_pool_that_is_gone_is_planned_again(  # type: ignor
     assert len(stored(sessions, job_id)[1]) == len(events)
 
 
-def test_resuming_a_job_whose_pool_is_gone_and_that_fits_nowhere_fails_it(  # type: ignore[no-untyped-def]
+def test_resuming_a_job_whose_pool_is_gone_and_that_fits_nowhere_keeps_it_queued(  # type: ignore[no-untyped-def]
     settings: Settings, make_key, sessions: sessionmaker[Session]
 ) -> None:
     dispatcher = RecordingDispatcher()
@@ -132,9 +134,54 @@ def test_resuming_a_job_whose_pool_is_gone_and_that_fits_nowhere_fails_it(  # ty
             base_url="http://testserver/v1", api_key=make_key("acme"), http_client=api, max_retries=0
         )
         resumed = client.fine_tuning.jobs.resume(job_id)
-    assert resumed.status == "failed" and resumed.error is not None and resumed.error.code == CODE
-    assert "'gpu' is no longer configured" in resumed.error.message
+    # Before: failed model_too_large_for_workers. The pool may come back (a config fix): it waits.
+    assert resumed.status == "queued" and resumed.error is None
     assert dispatcher.trained == []
+    job, events = stored(sessions, job_id)
+    assert job.plan is not None and job.plan["pool"] == "gpu"  # the old plan is kept
+    assert "'gpu' is no longer configured" in events[-1] and "stays queued" in events[-1]
+
+
+def test_a_job_whose_gpu_pool_vanished_stays_queued_with_one_warning_until_a_pool_fits(  # type: ignore[no-untyped-def]
+    api: TestClient, make_key, settings: Settings, sessions: sessionmaker[Session], monkeypatch
+) -> None:
+    """The review's scenario: serve came up CPU-only (a failed detection); the reaper's re-sends
+    re-plan a cuda-only 8B job that fits no configured pool. It must not be failed: it stays
+    queued, nothing is sent, the warning event is added once (not per re-send), and once the GPU
+    pool is back the next dispatch sends it there."""
+    job_id = queued_job(api, make_key("acme"), sessions, LLAMA8B)  # planned onto "gpu"
+    cpu_only = settings.model_copy(update={"train_pools": [CPU]})
+    for _ in range(3):  # three re-sends
+        assert send_training(monkeypatch, cpu_only, sessions, job_id) == []
+    job, events = stored(sessions, job_id)
+    assert job.status == "queued" and job.error is None
+    warnings = [m for m in events if "stays queued" in m]
+    assert len(warnings) == 1 and "'gpu' is no longer configured" in warnings[0]
+    assert "No worker pool can train" in warnings[0]
+    assert send_training(monkeypatch, settings, sessions, job_id) == ["train.gpu"]  # pool back
+
+
+def test_a_pool_that_shrank_under_a_plan_is_planned_again(  # type: ignore[no-untyped-def]
+    api: TestClient, make_key, settings: Settings, sessions: sessionmaker[Session], monkeypatch
+) -> None:
+    """Same pool name, less memory than the plan was made for: not only a vanished name counts."""
+    job_id = queued_job(api, make_key("acme"), sessions, LLAMA8B)
+    assert stored(sessions, job_id)[0].plan["strategy"] == "lora"  # type: ignore[index]
+    shrunk = settings.model_copy(
+        update={"train_pools": [TrainPool(name="gpu", device="cuda", memory_gib=24), CPU]}
+    )
+    assert send_training(monkeypatch, shrunk, sessions, job_id) == ["train.gpu"]
+    job, events = stored(sessions, job_id)
+    assert job.plan is not None and job.plan["strategy"] == "qlora" and job.plan["memory_gib"] == 24
+    assert events[-1].startswith("Planned: qlora on 1× cuda 24 GiB (pool gpu)")
+    # A plan for more GPUs than the pool has now is stale too (planning.stale_reason).
+    from loraforge.jobs.planning import stale_reason
+
+    fsdp = {**job.plan, "strategy": "fsdp", "num_gpus": 4}
+    assert stale_reason(fsdp, [TrainPool(name="gpu", device="cuda", count=2, memory_gib=24)]) == (
+        "Its plan needs 4 GPUs and pool 'gpu' now has 2"
+    )
+    assert stale_reason(job.plan, [TrainPool(name="gpu", device="cuda", count=2, memory_gib=24)]) is None
 
 
 # --- loraforge serve: one resolution, the same pools for every child ---
@@ -143,6 +190,7 @@ def test_resuming_a_job_whose_pool_is_gone_and_that_fits_nowhere_fails_it(  # ty
 def fake_gpus(monkeypatch: pytest.MonkeyPatch, *memories: float) -> None:
     found = tuple(gpus.Gpu(str(i), gib) for i, gib in enumerate(memories))
     monkeypatch.setattr(pools, "detect_gpus", lambda: found)
+    monkeypatch.setattr(pools, "detect_gpus_at_start", lambda: found)
 
 
 def child_settings(env: dict[str, str], home: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -188,3 +236,29 @@ def test_serve_passes_configured_pools_through(settings: Settings) -> None:
     envs = serve_children_env(settings)
     listed = [TrainPool.model_validate(p) for p in json.loads(envs["api"]["LORAFORGE_TRAIN_POOLS"])]
     assert listed == settings.train_pools and envs["engine"]["LORAFORGE_TRAIN_POOLS"]
+
+
+def test_serve_does_not_start_cpu_only_when_gpu_detection_fails(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A detection that *failed* (not "no nvidia-smi") is retried and then ends serve with the
+    reason; before, serve handed its children a cpu-only list for their whole life."""
+    from typer.testing import CliRunner
+
+    from loraforge import cli
+    from loraforge.db import session as db_session
+
+    def failing() -> tuple[gpus.Gpu, ...]:
+        raise gpus.GpuDetectionError("GPU detection failed 3 times: nvidia-smi did not answer within 20 s")
+
+    monkeypatch.setattr(pools, "detect_gpus_at_start", failing)
+    auto = settings.model_copy(update={"train_pools": None})
+    with pytest.raises(gpus.GpuDetectionError):
+        serve_children_env(auto)
+    spawned: list[list[str]] = []
+    monkeypatch.setattr(cli, "get_settings", lambda: auto)
+    monkeypatch.setattr(db_session, "migrate", lambda _settings: None)
+    monkeypatch.setattr(cli, "_spawn", lambda args, env: spawned.append(args))
+    result = CliRunner().invoke(cli.app, ["serve"])
+    assert result.exit_code == 2 and spawned == []
+    assert "did not answer" in result.output and "LORAFORGE_TRAIN_POOLS" in result.output

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from loraforge.trainer import device_setup
+from loraforge.trainer import device_setup, kernels, loss
 from loraforge.trainer.device_setup import KERNELS_ENV, apply_kernels, requested_kernels
+from loraforge.trainer.loss import resolve_loss_mode
 
 torch = pytest.importorskip("torch")
 modeling_llama = pytest.importorskip("transformers.models.llama.modeling_llama")
@@ -53,6 +56,66 @@ def llama_globals(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     for name, value in originals.items():
         monkeypatch.setattr(modeling_llama, name, value)
     return originals
+
+
+@pytest.fixture(autouse=True)
+def fresh_liger_check() -> Iterator[None]:
+    """The "is Liger usable" answer is cached per process: each test asks afresh."""
+    kernels.liger_unusable_reason.cache_clear()
+    yield
+    kernels.liger_unusable_reason.cache_clear()
+
+
+@pytest.fixture
+def broken_liger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """``liger_kernel`` installed (find_spec finds it) but failing on import, as with a Triton
+    that does not match the CUDA driver."""
+    package = tmp_path / "liger_kernel"
+    (package / "transformers").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "transformers" / "__init__.py").write_text(
+        "raise RuntimeError('triton: no usable CUDA driver')\n"
+    )
+    saved = {name: mod for name, mod in sys.modules.items() if name.startswith("liger_kernel")}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield
+    # The fake parent package stays imported after the failed import: take it out again.
+    for name in [n for n in sys.modules if n.startswith("liger_kernel")]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def test_installed_but_broken_liger_is_not_used_by_the_loss_or_the_kernels(
+    broken_liger: None, monkeypatch: pytest.MonkeyPatch, llama_globals
+) -> None:
+    """Before: the loss checked find_spec ("installed") and picked the fused kernel, and every
+    single-GPU CUDA job crashed at setup. Now both ask the same real import."""
+    import importlib.util
+
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    assert importlib.util.find_spec("liger_kernel") is not None
+    assert resolve_loss_mode("auto", "cuda") == "chunked"
+    assert "triton: no usable CUDA driver" in (kernels.liger_unusable_reason() or "")
+    model = tiny_llama()
+    assert apply_kernels(model, "cuda", "auto") == "torch"
+    with pytest.raises(RuntimeError, match="no usable CUDA driver"):
+        apply_kernels(model, "cuda", "liger")
+    assert patched_instances(model) == []
+
+
+def test_kernels_torch_means_no_liger_loss_either(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loss, "liger_usable", lambda: True)  # as on a GPU machine with the wheel
+    monkeypatch.setenv(KERNELS_ENV, "auto")
+    assert resolve_loss_mode("auto", "cuda") == "fused"
+    assert resolve_loss_mode("auto", "cuda", world_size=2) == "chunked"
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    assert resolve_loss_mode("auto", "cuda") == "chunked"
+    assert resolve_loss_mode("chunked", "cuda", kernels="torch") == "chunked"
+    monkeypatch.setenv(KERNELS_ENV, "ligre")
+    with pytest.raises(ValueError, match="LORAFORGE_KERNELS='ligre'"):
+        resolve_loss_mode("auto", "cuda")
 
 
 def test_the_choice_comes_from_the_argument_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -3,13 +3,23 @@
 A job that no worker pool can train is refused at creation with a 400 (``code:
 model_too_large_for_workers``, ``param: model``) instead of failing after minutes of loading.
 The stored plan decides the Celery queue (``train.<pool>``) and is copied into the trainer's
-``TrainSpec.plan``. A job is planned again when it is dispatched without a usable plan: none
-(created before plans) or a pool that is no longer configured (the pools changed since); if
-nothing fits any more it is failed rather than left queued on a queue no worker consumes.
+``TrainSpec.plan``. A job is planned again when it is dispatched without a usable plan
+(:func:`stale_reason`): none (created before plans), a pool that is no longer configured, or a
+pool that changed under it (fewer GPUs or less memory than the plan was made for).
+
+A job whose stored plan is unusable and that fits no configured pool now is *not* failed: the
+pools may be wrong only for a while (a detection that failed, a worker config not rolled out
+yet), and failing would lose work the user cannot get back. It stays queued with one warning
+event and is planned again at every dispatch (the reaper re-sends queued jobs every
+``requeue_after_seconds``, and every worker start), so the configuration that fixes it picks it
+up. Only a job that never had a plan and fits nothing is failed: for it this is the creation-time
+refusal, late. Nothing is sent for a job kept queued, so no message piles up on a queue that no
+worker consumes.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -20,10 +30,12 @@ from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.errors import InvalidRequestError
-from loraforge.jobs.state import JobStatus, add_event, transition
+from loraforge.jobs.state import JobStatus, add_event, add_event_once, transition
 from loraforge.planner import JobPlan, NoFit, plan_job, resolve_pools
 from loraforge.settings import Settings, TrainPool
 from loraforge.trainer.spec import TrainPlan
+
+log = logging.getLogger(__name__)
 
 CODE = "model_too_large_for_workers"
 
@@ -124,8 +136,39 @@ def _fail(session: Session, job: Job, message: str, code: str) -> None:
     )
 
 
+def stale_reason(plan: dict[str, Any] | None, pools: list[TrainPool]) -> str | None:
+    """Why a stored plan cannot run on ``pools`` as they are configured now; None if it can.
+
+    Args:
+        plan: the job's stored plan (``JobPlan.to_record()``), None for a job created before plans.
+        pools: the configured (or detected) pools.
+
+    Returns:
+        A sentence for the job's events, or None.
+    """
+    stored = (plan or {}).get("pool")
+    if not plan or not stored:
+        return "The job had no memory plan (created before plans)"
+    pool = next((p for p in pools if p.name == stored), None)
+    if pool is None:
+        names = ", ".join(p.name for p in pools) or "none"
+        return f"Its pool {stored!r} is no longer configured (pools: {names})"
+    if plan.get("device") not in (None, pool.device):
+        return f"Its pool {stored!r} is now a {pool.device} pool, not {plan.get('device')}"
+    num_gpus = int(plan.get("num_gpus") or 0)
+    if pool.device == "cuda" and num_gpus > pool.count:
+        return f"Its plan needs {num_gpus} GPUs and pool {stored!r} now has {pool.count}"
+    memory = plan.get("memory_gib")
+    if isinstance(memory, int | float) and memory > pool.memory_gib:
+        return (
+            f"Its plan was made for {memory:g} GiB per device and pool {stored!r} now has "
+            f"{pool.memory_gib:g} GiB"
+        )
+    return None
+
+
 def _replan(settings: Settings, session: Session, job: Job, why: str) -> str | None:
-    """Plan ``job`` again onto the configured pools and store it; fail it if nothing fits."""
+    """Plan ``job`` again onto the configured pools and store it (module docstring: no fit)."""
     entry = load_catalog(settings.models_config).get(job.model)
     if entry is None:
         _fail(session, job, f"Base model {job.model} is not in the catalog.", "model_not_found")
@@ -133,7 +176,19 @@ def _replan(settings: Settings, session: Session, job: Job, why: str) -> str | N
     try:
         plan = plan_for(settings, entry, job.hyperparameters or {})
     except InvalidRequestError as exc:
-        _fail(session, job, f"{why}, and it no longer fits: {exc.message}", CODE)
+        if not (job.plan or {}).get("pool"):
+            _fail(session, job, f"{why}, and it no longer fits: {exc.message}", CODE)
+            return None
+        log.warning("job %s stays queued: %s, and no configured pool fits it: %s", job.id, why, exc.message)
+        add_event_once(
+            session,
+            job.id,
+            f"{why}, and no configured pool fits the job now: {exc.message} The job stays queued "
+            "and is planned again each time it is dispatched, so a configuration with a pool "
+            "that fits picks it up.",
+            level="warn",
+        )
+        session.flush()
         return None
     job.plan = plan.to_record()
     add_event(
@@ -146,8 +201,8 @@ def _replan(settings: Settings, session: Session, job: Job, why: str) -> str | N
 def dispatch_pool(settings: Settings, session: Session, job: Job) -> str | None:
     """The pool whose queue trains ``job``, planning it again first if its plan is unusable.
 
-    A job with no plan (created before plans) or planned onto a pool that is not configured now
-    is planned again: the new plan is stored with a "Planned: …" event. The caller commits.
+    A job whose plan :func:`stale_reason` rejects is planned again: the new plan is stored with a
+    "Planned: …" event. The caller commits.
 
     Args:
         settings: the pools and the catalog.
@@ -155,18 +210,13 @@ def dispatch_pool(settings: Settings, session: Session, job: Job) -> str | None:
         job: a job about to be dispatched to a train queue.
 
     Returns:
-        The pool name, or None when the job was failed instead (its model fits no pool any more,
-        or left the catalog): nothing must be sent.
+        The pool name, or None when nothing must be sent: the job stays queued because no
+        configured pool fits it now (a warning event, once), or it was failed (its model left
+        the catalog, or a job without any plan fits no pool).
     """
-    stored = (job.plan or {}).get("pool")
-    names = [pool.name for pool in resolve_pools(settings)]
-    if stored in names:
-        return str(stored)
-    why = (
-        "The job had no memory plan (created before plans)"
-        if not stored
-        else f"Its pool {stored!r} is no longer configured (pools: {', '.join(names) or 'none'})"
-    )
+    why = stale_reason(job.plan, resolve_pools(settings))
+    if why is None:
+        return str((job.plan or {})["pool"])
     return _replan(settings, session, job, why)
 
 

@@ -26,8 +26,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.ids import now
+from loraforge.jobs import planning
 from loraforge.jobs.gpu_leases import GpuLease, try_acquire
-from loraforge.jobs.state import JobStatus, transition
+from loraforge.jobs.state import JobStatus, add_event_once, transition
 from loraforge.planner.pools import pool_device_ids, resolve_pools
 from loraforge.settings import Settings, TrainPool
 
@@ -42,14 +43,31 @@ class Admission:
     lease: GpuLease | None = None
 
 
-def _candidates(settings: Settings, plan: dict[str, object], count: int) -> tuple[str, ...]:
-    pools = {p.name: p for p in resolve_pools(settings)}
-    pool = pools.get(str(plan.get("pool")))
+def _candidates(pool: TrainPool | None, count: int) -> tuple[str, ...]:
     if pool is None or pool.device != "cuda":
-        # Dispatch re-plans a job whose pool is gone (jobs/planning.py); this is the worker that
-        # consumed its queue anyway: lease from the GPUs this process sees.
+        # A pool this worker's configuration does not name (dispatch keeps such a job queued, but
+        # this message was already on a queue the worker consumes): lease the GPUs it sees.
         pool = TrainPool(name="unlisted", device="cuda", count=count, memory_gib=1)
     return pool_device_ids(pool)
+
+
+def _lease_error(sessions: sessionmaker[Session], job_id: str, exc: Exception) -> Admission:
+    """An unexpected error while leasing: the job stays queued and is retried (a host problem).
+
+    Why not fail the job: a lock file that cannot be opened or locked (a full disk, permissions,
+    an NFS lock daemon that is down) is this host's fault, not the job's, and heals once the
+    operator fixes it; the re-send after ``gpu_wait_seconds`` retries. The user sees why once.
+    """
+    log.error("job %s: could not lease GPUs on this host (retried): %r", job_id, exc, exc_info=exc)
+    with session_scope(sessions) as session:
+        add_event_once(
+            session,
+            job_id,
+            f"Waiting: this worker could not lease GPUs ({type(exc).__name__}: {exc}); the job stays "
+            "queued and is retried.",
+            level="warn",
+        )
+    return Admission(wait=True)
 
 
 def admit(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> Admission:
@@ -64,15 +82,23 @@ def admit(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> A
         ``Admission(lease=...)`` to start (the caller holds the lease for the trainer's life and
         releases it), ``Admission()`` to start without GPUs (a CPU plan, or a job that is not
         queued: the caller's start finds that out), ``Admission(wait=True)`` when the GPUs are
-        busy. A plan needing more GPUs than this host's pool has fails the job (it can never
-        start here) and answers ``Admission()``.
+        busy, when leasing failed unexpectedly (:func:`_lease_error`), or when the plan no longer
+        fits its pool (more GPUs or memory than the pool has now): the re-send goes through
+        dispatch, which plans the job again (``jobs/planning.py``) rather than failing or running
+        it into an OOM. A plan that matches the configuration but needs more GPUs than this
+        host has fails the job (it can never start here) and answers ``Admission()``.
     """
     with session_scope(sessions) as session:
         status, plan = session.execute(select(Job.status, Job.plan).where(Job.id == job_id)).one()
     if status != JobStatus.QUEUED.value or not plan or plan.get("device") != "cuda":
         return Admission()
+    pools = resolve_pools(settings)
+    pool = next((p for p in pools if p.name == plan.get("pool")), None)
+    if pool is not None and planning.stale_reason(plan, pools) is not None:
+        log.info("job %s: its plan no longer fits pool %s; planned again at its re-send", job_id, pool.name)
+        return Admission(wait=True)
     count = max(int(plan.get("num_gpus") or 1), 1)
-    candidates = _candidates(settings, plan, count)
+    candidates = _candidates(pool, count)
     try:
         lease = try_acquire(settings.home, candidates, count)
     except ValueError as exc:
@@ -87,6 +113,8 @@ def admit(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> A
                 error={"code": "training_error", "message": message, "param": None},
             )
         return Admission()
+    except Exception as exc:  # noqa: BLE001 - any lease failure is the host's: see _lease_error
+        return _lease_error(sessions, job_id, exc)
     if lease is None:
         log.info("job %s waits for %d free GPU(s) of %s", job_id, count, list(candidates))
         return Admission(wait=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from loraforge.db.models import Job, JobEvent
@@ -62,6 +62,26 @@ def add_event(
     )
     session.add(event)
     return event
+
+
+def add_event_once(session: Session, job_id: str, message: str, *, level: str = "info") -> bool:
+    """Add ``message`` unless it is already the job's latest event (a condition that persists).
+
+    For what is re-checked on every re-send (a job kept queued because no pool fits it): the
+    user sees it once per episode, not once per re-send; once something else happened to the
+    job (another event), a recurrence is reported again.
+
+    Returns:
+        True when the event was added.
+    """
+    session.flush()  # an event added earlier in this transaction counts too
+    latest = session.execute(
+        select(JobEvent.message).where(JobEvent.job_id == job_id).order_by(JobEvent.seq.desc()).limit(1)
+    ).scalar_one_or_none()
+    if latest == message:
+        return False
+    add_event(session, job_id, message, level=level)
+    return True
 
 
 def transition(

@@ -33,6 +33,7 @@ from loraforge.jobs.state import JobStatus, add_event, transition
 from loraforge.jobs.trainer_process import TrainerProcess
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
+from loraforge.trainer.kernels import requested_kernels
 from loraforge.trainer.launch import launch_command
 from loraforge.trainer.spec import load_spec
 
@@ -71,6 +72,9 @@ _SPEC_KNOBS = (
 
 
 def _write_spec(settings: Settings, session: Session, job: Job, run_dir: Path) -> Path:
+    # The trainer inherits this environment: a bad LORAFORGE_KERNELS fails the job here, with
+    # its message, instead of after the trainer has loaded the model (ValueError -> _start).
+    requested_kernels()
     blobs = BlobStore(str(settings.blobs_dir))
     spec = {
         "job_id": job.id,

@@ -7,7 +7,9 @@ killed and abandoned if it does not die either. A success is cached for the proc
 hardware does not change under us); a failure is not: it is retried at most every
 ``RETRY_SECONDS``, so a transient failure does not refuse every GPU model until a restart.
 Concurrent first callers share one run (a lock), and what was found, or why nothing was, is
-logged.
+logged. A process that fixes its pools once at start (``serve``, ``worker``) calls
+:func:`detect_gpus_at_start`, which retries a failure a few times and then raises rather than
+answering "no GPU" for the process's whole life.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ DETECT_TIMEOUT_SECONDS = 20.0
 # does: it is abandoned to its daemon thread).
 KILL_WAIT_SECONDS = 2.0
 RETRY_SECONDS = 60.0
+# detect_gpus_at_start: a slow first nvidia-smi (driver still loading after boot, persistence
+# mode off) often answers on a later try; a process start can afford to wait that long.
+START_ATTEMPTS = 3
+START_RETRY_PAUSE_SECONDS = 5.0
 # A reading below this is not a usable GPU (a MIG slice or vGPU misreport, "0"): it is dropped.
 MIN_GPU_GIB = 1.0
 
@@ -86,6 +92,10 @@ def _run(cmd: tuple[str, ...], timeout: float) -> tuple[str | None, str]:
         thread.join(KILL_WAIT_SECONDS)
         return None, f"{cmd[0]} did not answer within {timeout:g} s (killed)"
     if proc.returncode != 0:
+        said = (result.get("out", "") + result.get("err", "")).strip()
+        if "No devices were found" in said:
+            # A driver with no GPU behind it (exit code 6): an answer, like a missing nvidia-smi.
+            return "", f"{cmd[0]}: no devices were found"
         return None, f"{cmd[0]} exited with {proc.returncode}: {result.get('err', '').strip()[:200]}"
     return result.get("out", ""), ""
 
@@ -135,10 +145,29 @@ def visible(memories: list[tuple[int, float]], cuda_visible: str | None) -> list
     return [Gpu(item, smallest) for item in items[: len(memories)]]
 
 
+class GpuDetectionError(RuntimeError):
+    """``nvidia-smi`` exists but did not answer (timeout, error exit): the GPUs are unknown."""
+
+
+def _detect_locked(state: _State) -> str | None:
+    """Run ``nvidia-smi`` once (caller holds ``state.lock``); None on an answer, else why not."""
+    out, why = _run(NVIDIA_SMI, DETECT_TIMEOUT_SECONDS)
+    if out is None:
+        state.failed_at = time.monotonic()
+        return why
+    state.gpus = tuple(visible(parse_memories(out), os.environ.get("CUDA_VISIBLE_DEVICES")))
+    state.failed_at = None
+    found = ", ".join(f"cuda {g.id} {g.memory_gib:g} GiB" for g in state.gpus)
+    log.info("GPU detection: %s", found or f"no usable GPU{f' ({why})' if why else ''}")
+    return None
+
+
 def detect_gpus() -> tuple[Gpu, ...]:
     """This machine's visible, usable GPUs; () when there is none or detection failed.
 
-    Thread-safe; at most one ``nvidia-smi`` runs at a time and a success is reused.
+    Thread-safe; at most one ``nvidia-smi`` runs at a time and a success is reused. For the API,
+    which plans while it serves: a failure answers () now and is retried later. A process that
+    decides once, at start, what it serves must use :func:`detect_gpus_at_start` instead.
     """
     state = _STATE
     with state.lock:
@@ -146,16 +175,42 @@ def detect_gpus() -> tuple[Gpu, ...]:
             return state.gpus
         if state.failed_at is not None and time.monotonic() - state.failed_at < RETRY_SECONDS:
             return ()
-        out, why = _run(NVIDIA_SMI, DETECT_TIMEOUT_SECONDS)
-        if out is None:
-            state.failed_at = time.monotonic()
+        why = _detect_locked(state)
+        if why is not None:
             log.warning("GPU detection failed (retried in %g s): %s", RETRY_SECONDS, why)
             return ()
-        state.gpus = tuple(visible(parse_memories(out), os.environ.get("CUDA_VISIBLE_DEVICES")))
-        state.failed_at = None
-        found = ", ".join(f"cuda {g.id} {g.memory_gib:g} GiB" for g in state.gpus)
-        log.info("GPU detection: %s", found or f"no usable GPU{f' ({why})' if why else ''}")
-        return state.gpus
+        return state.gpus or ()
+
+
+def detect_gpus_at_start(
+    attempts: int = START_ATTEMPTS, pause_seconds: float = START_RETRY_PAUSE_SECONDS
+) -> tuple[Gpu, ...]:
+    """The GPUs, for a process that fixes its pools once at start (``serve``, ``worker``).
+
+    Unlike :func:`detect_gpus`, a failed detection is not "no GPU": such a process would run
+    CPU-only for its whole life (and, before dispatch kept such jobs queued, failed every job
+    planned onto the GPU pool). So a failure is retried ``attempts`` times, ``pause_seconds``
+    apart, and then raised. A missing ``nvidia-smi`` is an answer (no GPU), not a failure.
+
+    Returns:
+        The visible, usable GPUs (possibly none).
+
+    Raises:
+        GpuDetectionError: every attempt failed (timeout or error exit); the message says why.
+    """
+    state, why = _STATE, ""
+    for attempt in range(1, max(attempts, 1) + 1):
+        with state.lock:
+            if state.gpus is not None:
+                return state.gpus
+            failed = _detect_locked(state)
+            if failed is None:
+                return state.gpus or ()
+            why = failed
+        log.warning("GPU detection failed (attempt %d of %d): %s", attempt, attempts, why)
+        if attempt < attempts:
+            time.sleep(pause_seconds)
+    raise GpuDetectionError(f"GPU detection failed {attempts} times: {why}")
 
 
 def forget() -> None:

@@ -16,18 +16,36 @@ are tried in the entry's ``training.devices`` order, then in the configured orde
 Activation checkpointing is on only when a micro-batch of ``max_seq_length`` tokens does not fit
 without it (full recompute costs a third to a half more compute for LoRA, PERF.md §4), and then on
 as few decoder layers as the memory needs (the first ``k``: trainer/recompute.py; each costs
-about ``1/L`` of the full-recompute price). The token budget is the largest micro-batch (real
-tokens, packed) that fits, rounded down to a multiple of 256 and capped at ``TOKEN_BUDGET_CAP``:
-past a few thousand tokens a micro-batch already fills an H100, and a bigger one only buys fewer
-optimizer-step boundaries. So with recompute the planner does not buy budget with layers: it
-takes the smallest ``k`` at which ``PARTIAL_AC_TARGET_BUDGET`` tokens (or ``max_seq_length``,
-whichever is larger) fit, and then the largest budget that ``k`` allows. When even ``k = L`` does
-not reach that target, the ``k`` with the largest budget (ties: the fewest layers) is taken.
-Without recompute (``k = 0``) nothing changes: the largest budget from ``max_seq_length`` up.
-On a CPU pool (no budget: one micro-batch of ``batch_size x max_seq_length`` tokens) ``k`` is the
-smallest that fits that micro-batch. Consequences: ``k`` never grows with device memory, and the
-budget is monotone in memory only for a fixed strategy and ``k``; when more memory lets layers
-stop recomputing (or bf16 replace NF4), the budget may shrink while the run gets faster.
+about ``1/L`` of the full-recompute price). The rule, in order:
+
+1. ``k = 0`` when ``max_seq_length`` tokens fit without recompute, whatever budget that leaves.
+2. Else ``k`` = the fewest layers at which a micro-batch of ``T = max(max_seq_length,
+   RECOMPUTE_MIN_TOKENS)`` tokens fits. The floor is modest (2,048 tokens: the size the rule-1
+   plans already run at on 40 GiB cards, and PERF.md's reference packed length) because layers
+   are never bought for budget: on 8B each recomputed layer costs ~1.5 % of the step, far more
+   than a micro-batch past a couple of thousand tokens gains.
+3. Else, when only ``max_seq_length`` (below the floor) fits at some ``k``: the ``k`` with the
+   lowest peak at ``max_seq_length`` tokens (fewest among equals). This band is narrow (just
+   above the least memory the job can run in) and this ``k`` does not depend on the memory,
+   which is what keeps the rule monotone: the ``k`` rule 2 takes at the band's top is never
+   larger (the formula's peak falls with ``k`` up to ``L - 1``; whether ``k = L`` is lower
+   than ``L - 1`` does not get truer at more tokens). "The fewest layers that fit
+   ``max_seq_length``" here would recompute *fewer* layers in the band than rule 2 just above it.
+
+Then the token budget is the largest micro-batch (real tokens, packed) that fits at that ``k``,
+rounded down to a multiple of 256 and capped at ``TOKEN_BUDGET_CAP``. Consequences: ``k`` never
+grows with device memory; the budget is monotone in memory only for a fixed strategy and ``k``
+(when more memory lets layers stop recomputing, or bf16 replace NF4, the budget may shrink while
+the run gets faster).
+
+``k = L`` versus ``k = L - 1`` (memory.py): all layers checkpointed saves ``N·(A − a·h)`` of saved
+activations but the first backward then recomputes into ``2·N·A`` instead of ``N·A``; so ``k = L``
+is the *larger* peak (by ``N·a·h``) when the loss transient is small, and the smaller one when
+the loss transient exceeds ``N·(A + a·h)`` (8B with its 128k vocabulary: always, at the sizes
+planned). It is not always dominated, so it stays a candidate; rule 2 (fewest layers) never
+picks it when ``L - 1`` fits, and rule 3 only when it is the lower peak.
+On a CPU pool (no budget: one micro-batch of ``batch_size x max_seq_length`` tokens) the floor
+does not apply: ``k`` is the fewest that fits that micro-batch.
 """
 
 from __future__ import annotations
@@ -43,9 +61,9 @@ from loraforge.trainer.spec import TrainPlan
 
 TOKEN_BUDGET_CAP = 32768
 TOKEN_BUDGET_STEP = 256
-# With recompute, the budget the fewest checkpointed layers must reach (module docstring): at 8k
-# tokens an 8B step already runs at full speed (FACTS_GPU), more is not worth a recomputed layer.
-PARTIAL_AC_TARGET_BUDGET = 8192
+# With recompute, the micro-batch the fewest checkpointed layers must fit when max_seq_length is
+# shorter (module docstring, rule 2): modest, so that layers are not bought for budget.
+RECOMPUTE_MIN_TOKENS = 2048
 PREFERENCE: tuple[Strategy, ...] = ("lora", "qlora", "fsdp")
 
 
@@ -176,7 +194,9 @@ def plan_on(
     def fits(tokens: int, k: int) -> bool:
         return at(tokens, k).fits(pool.memory_gib)
 
-    k = _checkpoint_layers(fits, shape.arch.num_hidden_layers, max_seq_length, device == "cuda")
+    k = _checkpoint_layers(
+        fits, lambda n, k: at(n, k).peak, shape.arch.num_hidden_layers, max_seq_length, device == "cuda"
+    )
     if k is None:
         return None
     budget: int | None = None
@@ -195,30 +215,30 @@ def plan_on(
 
 
 def _checkpoint_layers(
-    fits: Callable[[int, int], bool], num_layers: int, max_seq_length: int, budgeted: bool
+    fits: Callable[[int, int], bool],
+    peak: Callable[[int, int], float],
+    num_layers: int,
+    max_seq_length: int,
+    budgeted: bool,
 ) -> int | None:
-    """How many layers recompute (module docstring for the policy); None when nothing fits.
+    """How many layers recompute (module docstring, rules 1-3); None when nothing fits.
 
     Args:
         fits: whether ``(tokens, k)`` fits the device.
+        peak: the estimated peak bytes of ``(tokens, k)`` (rule 3's choice; memory-independent).
         num_layers: ``L``.
         max_seq_length: the micro-batch that must fit (CPU: the whole step's).
         budgeted: a GPU plan (a token budget is chosen after ``k``); False on a CPU pool.
     """
     if fits(max_seq_length, 0):
         return 0
-    fitting = [k for k in range(1, num_layers + 1) if fits(max_seq_length, k)]
-    if not fitting:
-        return None
-    if not budgeted:
-        return fitting[0]
-    cap = max(TOKEN_BUDGET_CAP, max_seq_length)
-    target = min(max(PARTIAL_AC_TARGET_BUDGET, max_seq_length), cap)
-    for k in fitting:
-        if fits(target, k):
-            return k
-    # Nothing reaches the target: the most tokens per micro-batch (fewest layers among equals).
-    return max(fitting, key=lambda k: (_largest_fitting(lambda n: fits(n, k), max_seq_length, cap), -k))
+    layers = range(1, num_layers + 1)
+    target = max(max_seq_length, RECOMPUTE_MIN_TOKENS) if budgeted else max_seq_length
+    fewest = next((k for k in layers if fits(target, k)), None)
+    if fewest is not None:
+        return fewest
+    lowest = min(layers, key=lambda k: (peak(max_seq_length, k), k))
+    return lowest if fits(max_seq_length, lowest) else None
 
 
 def _ordered_pools(entry: BaseModelEntry, pools: Sequence[TrainPool]) -> list[TrainPool]:

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 from loraforge.catalog.catalog import BaseModelEntry
-from loraforge.planner.gpus import MIN_GPU_GIB, Gpu, detect_gpus
+from loraforge.planner.gpus import MIN_GPU_GIB, Gpu, detect_gpus, detect_gpus_at_start
 from loraforge.planner.memory import CUDA_RESERVED_GIB, DTYPE_BYTES, GIB, total_params
 from loraforge.settings import Settings, TrainPool
 
@@ -46,21 +46,34 @@ def _gpu_pool(gpus: list[Gpu]) -> TrainPool | None:
     )
 
 
-def detect_pools() -> tuple[TrainPool, ...]:
+def detect_pools(at_start: bool = False) -> tuple[TrainPool, ...]:
     """This machine's pools: ``gpu`` (all visible GPUs, sized as the smallest) if any, and ``cpu``.
 
     GPU detection is cached once it succeeds (``planner/gpus.py``); RAM is read each time (cheap).
+
+    Args:
+        at_start: for a process that fixes its pools once (``detect_gpus_at_start``: a failed
+            detection is retried, then raised, never taken as "no GPU").
+
+    Raises:
+        GpuDetectionError: ``at_start`` and ``nvidia-smi`` kept failing.
     """
-    gpu = _gpu_pool(list(detect_gpus()))
+    gpu = _gpu_pool(list(detect_gpus_at_start() if at_start else detect_gpus()))
     cpu = TrainPool(name=CPU_POOL, device="cpu", count=1, memory_gib=ram_gib())
     return (gpu, cpu) if gpu is not None else (cpu,)
 
 
-def resolve_pools(settings: Settings) -> list[TrainPool]:
-    """The configured pools, or the detected ones when ``train_pools`` is "auto" (unset)."""
+def resolve_pools(settings: Settings, at_start: bool = False) -> list[TrainPool]:
+    """The configured pools, or the detected ones when ``train_pools`` is "auto" (unset).
+
+    Args:
+        settings: ``train_pools``.
+        at_start: detect as :func:`detect_pools` does ``at_start`` (may raise
+            ``GpuDetectionError``).
+    """
     if settings.train_pools is not None:
         return list(settings.train_pools)
-    return list(detect_pools())
+    return list(detect_pools(at_start))
 
 
 def pool_device_ids(pool: TrainPool) -> tuple[str, ...]:
@@ -113,10 +126,14 @@ def serve_layout(settings: Settings, engine_entry: BaseModelEntry | None) -> Ser
 
     Returns:
         The pools and the engine's environment additions.
+
+    Raises:
+        GpuDetectionError: ``nvidia-smi`` is there but kept failing (``detect_gpus_at_start``):
+            the children would otherwise run without the GPU pool for their whole life.
     """
     if settings.train_pools is not None:
         return ServeLayout(list(settings.train_pools))
-    gpus = list(detect_gpus())
+    gpus = list(detect_gpus_at_start())
     cpu = TrainPool(name=CPU_POOL, device="cpu", count=1, memory_gib=ram_gib())
     if not gpus:
         return ServeLayout([cpu])

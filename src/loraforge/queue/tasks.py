@@ -32,8 +32,8 @@ def validate_job_task(job_id: str) -> None:
 def queue_training(job_id: str, wait_token: int | None = None, countdown: float | None = None) -> None:
     """Send the job's training task to the queue of the pool its memory plan chose.
 
-    A job without a plan, or planned onto a pool that is no longer configured, is planned again
-    first; one that fits no pool any more is failed and nothing is sent (``jobs/planning.py``).
+    A job without a usable plan (none, a pool that is gone or changed) is planned again first;
+    one that then fits no configured pool stays queued and nothing is sent (``jobs/planning.py``).
     ``wait_token`` and ``countdown``: the re-send of a job waiting for GPUs (``jobs/scheduling.py``).
     """
     pool = planning.pool_of(get_settings(), _sessions(), job_id)

@@ -13,9 +13,10 @@
   bf16 compute), then PEFT's ``prepare_model_for_kbit_training``; bitsandbytes imported lazily.
 * Kernels (``LORAFORGE_KERNELS=auto|liger|torch``, read by the trainer process; not part of the
   plan: it changes speed and memory, not what is computed beyond rounding, and not the adapter's
-  files -- Liger rebinds ``forward`` methods and adds no parameters): on CUDA, when ``liger_kernel``
-  imports and the model is a Llama, Liger's Triton RMSNorm, SwiGLU and RoPE replace the eager
-  ones (:func:`apply_kernels`), before PEFT wraps the model. Liger patches the existing norm and
+  files -- Liger rebinds ``forward`` methods and adds no parameters): on CUDA, when
+  ``liger_kernel`` really imports (``trainer/kernels.py``, the check the loss shares) and the model
+  is a Llama, Liger's Triton RMSNorm, SwiGLU and RoPE replace the eager ones
+  (:func:`apply_kernels`), before PEFT wraps the model. Liger patches the existing norm and
   MLP *instances* (their ``forward`` rebound), so the LoRA layers PEFT later sets as
   ``mlp.gate_proj`` etc. are what the patched forward calls; RoPE, and the ``LlamaRMSNorm`` /
   ``LlamaMLP`` names, are patched module-globally in ``transformers.models.llama.modeling_llama``
@@ -25,7 +26,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,13 +33,12 @@ import torch
 
 from loraforge.catalog.catalog import BaseModelEntry
 from loraforge.trainer.distributed import world_size
+from loraforge.trainer.kernels import KERNELS_ENV, liger_unusable_reason, requested_kernels
 from loraforge.trainer.recompute import apply_activation_checkpointing, decoder_layers
 from loraforge.trainer.spec import TrainPlan
 
 logger = logging.getLogger(__name__)
 
-KERNELS_ENV = "LORAFORGE_KERNELS"
-KERNEL_CHOICES = ("auto", "liger", "torch")
 Kernels = Literal["liger", "torch"]
 # model_type -> Liger's patch function for it (what this trainer has checked: the catalog's Llamas).
 _LIGER_PATCHES = {"llama": "apply_liger_kernel_to_llama"}
@@ -81,32 +80,13 @@ def compute_dtype(device_type: str, base_dtype: torch.dtype, strategy: str = "lo
     return None
 
 
-def requested_kernels(value: str | None = None) -> str:
-    """The kernel choice: ``value``, else ``$LORAFORGE_KERNELS``, else ``auto``.
-
-    Args:
-        value: an explicit choice (the benchmark's ``--kernels``); None reads the environment.
-
-    Returns:
-        ``auto``, ``liger`` or ``torch``.
-
-    Raises:
-        ValueError: anything else (a typo must not silently benchmark the other path).
-    """
-    raw = (value if value is not None else os.environ.get(KERNELS_ENV, "")).strip().lower() or "auto"
-    if raw not in KERNEL_CHOICES:
-        raise ValueError(f"{KERNELS_ENV}={raw!r}: expected one of {', '.join(KERNEL_CHOICES)}")
-    return raw
-
-
 def _liger_patch(model_type: str) -> Any:
-    """Liger's patch function for ``model_type``; ImportError when liger_kernel cannot load."""
-    # Liger's top-level import pulls triton and every model module it supports; any failure of
-    # that (no triton, a transformers it does not know) means "not available", whatever its type.
-    try:
-        import liger_kernel.transformers as liger
-    except Exception as exc:  # any failure, see above
-        raise ImportError(f"liger_kernel does not import: {exc!r}") from exc
+    """Liger's patch function for ``model_type``; ImportError when Liger is not usable here."""
+    reason = liger_unusable_reason()
+    if reason is not None:
+        raise ImportError(reason)
+    import liger_kernel.transformers as liger
+
     return getattr(liger, _LIGER_PATCHES[model_type])
 
 
@@ -118,8 +98,11 @@ def apply_kernels(model: Any, device_type: str, requested: str | None = None) ->
     ``auto`` uses Liger on CUDA for a supported architecture when it imports, eager torch
     otherwise (logged); ``liger`` raises instead of falling back, so a benchmark or a deployment
     that asked for the kernels never measures or runs the other path unknowingly; ``torch``
-    changes nothing. Cross-entropy stays :mod:`loraforge.trainer.loss`'s (Liger's loss patches
-    are off: the trainer never calls the model's own loss).
+    leaves the model's kernels as they are (and, in ``loss.resolve_loss_mode``, also turns the
+    fused Liger loss off: ``torch`` means no Liger anywhere). Cross-entropy stays
+    :mod:`loraforge.trainer.loss`'s (Liger's loss patches are off here: the trainer never calls
+    the model's own loss). Whether Liger works is one shared, cached real import
+    (``trainer/kernels.py``), the same check the loss uses.
 
     Args:
         model: the transformers causal LM, not yet PEFT-wrapped.

@@ -8,8 +8,9 @@ Three ways to compute the same sum (``TrainPlan.loss``):
   cross-entropy chunk by chunk (``CHUNK_ROWS`` rows), each chunk under activation checkpointing.
   With a 128k vocabulary the logits are the largest activation of a step (fp32, 0.5 MB per
   token); this way at most one chunk's logits exist at a time, in forward and in backward.
-* ``fused``: Liger's fused linear cross-entropy kernel (CUDA, ``liger_kernel`` importable, one
-  process); the maintained kernel when it is there, the chunked path otherwise.
+* ``fused``: Liger's fused linear cross-entropy kernel (CUDA, one process, Liger usable: a real
+  import, ``trainer/kernels.py``, the check ``device_setup`` shares; not ``LORAFORGE_KERNELS=torch``);
+  the maintained kernel when it works, the chunked path otherwise.
 
 ``auto`` is ``full`` on CPU and ``fused``/``chunked`` on CUDA.
 
@@ -19,7 +20,6 @@ prepares (the root), so the lm_head it calls directly is gathered like any other
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loraforge.trainer.data import IGNORE_INDEX
+from loraforge.trainer.kernels import liger_usable, requested_kernels
 
 LossMode = Literal["full", "chunked", "fused"]
 # Rows of hidden states per lm_head chunk: 4096 x 128,256 fp32 logits = 2.1 GB, small next to an
@@ -36,12 +37,9 @@ LossMode = Literal["full", "chunked", "fused"]
 CHUNK_ROWS = 4096
 
 
-def liger_available() -> bool:
-    """True when the ``liger_kernel`` package can be imported (it is not a dependency)."""
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def resolve_loss_mode(requested: str, device_type: str, world_size: int = 1) -> LossMode:
+def resolve_loss_mode(
+    requested: str, device_type: str, world_size: int = 1, kernels: str | None = None
+) -> LossMode:
     """The loss computation a run uses.
 
     Args:
@@ -49,13 +47,19 @@ def resolve_loss_mode(requested: str, device_type: str, world_size: int = 1) -> 
         device_type: ``cpu`` or ``cuda``.
         world_size: processes in the run (the fused kernel reads the lm_head weight directly,
             which under FSDP is a shard outside the root's forward: one process only).
+        kernels: ``auto``/``liger``/``torch``; None reads ``$LORAFORGE_KERNELS``. ``torch``
+            means no Liger anywhere, so no fused loss either.
 
     Returns:
         ``full``, ``chunked`` or ``fused``.
+
+    Raises:
+        ValueError: an unknown ``kernels`` choice.
     """
     if requested == "full" or (requested == "auto" and device_type != "cuda"):
         return "full"
-    if device_type == "cuda" and world_size == 1 and liger_available():
+    fused_allowed = requested_kernels(kernels) != "torch" and world_size == 1
+    if device_type == "cuda" and fused_allowed and liger_usable():
         return "fused"
     return "chunked"
 

@@ -73,9 +73,12 @@ class TrainPlan(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _derive_gradient_checkpointing(cls, data: Any) -> Any:
-        # checkpoint_layers alone is enough to say whether recompute is on.
-        if isinstance(data, dict) and data.get("checkpoint_layers") is not None:
-            data = {"gradient_checkpointing": data["checkpoint_layers"] > 0, **data}
+        # checkpoint_layers alone is enough to say whether recompute is on. Only an int is
+        # compared here: anything else (a string, a float) is left to the field's own validation,
+        # which raises a ValidationError, not a raw TypeError from inside this validator.
+        k = data.get("checkpoint_layers") if isinstance(data, dict) else None
+        if isinstance(k, int) and not isinstance(k, bool):
+            data = {"gradient_checkpointing": k > 0, **data}
         return data
 
     @model_validator(mode="after")
