@@ -48,13 +48,13 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from loraforge.trainer.data import TokenizedExample  # noqa: E402
 from loraforge.trainer.device_setup import (  # noqa: E402
-    KERNEL_CHOICES,
     apply_kernels,
     attn_implementation,
     compute_dtype,
     make_optimizer,
     prepare_for_training,
 )
+from loraforge.trainer.kernels import KERNEL_CHOICES  # noqa: E402
 from loraforge.trainer.loop import MAX_GRAD_NORM  # noqa: E402
 from loraforge.trainer.loss import CausalLMLoss, resolve_loss_mode  # noqa: E402
 from loraforge.trainer.packing import step_micro_batches  # noqa: E402
