@@ -135,8 +135,9 @@ def restore_rng(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename ``tmp`` to ``final``; an existing ``final`` (a re-run of the same step) is replaced."""
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Rename ``tmp`` to ``final``; an existing ``final`` (a re-run) is moved aside first and removed
+    after, so ``final`` is never half-written."""
     if final.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         final.rename(trash / final.name)
@@ -182,7 +183,7 @@ def save_checkpoint(
         tmp.chmod(0o755)
         for path in tmp.iterdir():
             path.chmod(0o644)
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     written = _read_info(final)

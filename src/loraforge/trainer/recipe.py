@@ -273,12 +273,7 @@ def _install(tmp: Path, final: Path) -> None:
             not any(final.iterdir()) or (final / ADAPTER_CONFIG).exists() or (final / MANIFEST).exists()
         ):
             raise FileExistsError(f"{final} exists and is not an adapter directory; refusing to replace it")
-        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        final.rename(trash / final.name)
-        tmp.rename(final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(final)
+    ckpt.replace_dir(tmp, final)
 
 
 def save(run: TrainingRun, metrics: dict[str, float]) -> AdapterManifest:
