@@ -24,14 +24,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.ids import now
 from loraforge.jobs import artefacts
-from loraforge.jobs.state import JobStatus, transition
+from loraforge.jobs.state import JobStatus, restamp_queued, transition
 from loraforge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -107,14 +107,7 @@ def claim_unstarted(sessions: sessionmaker[Session], older_than: float | None) -
             stmt = stmt.where(or_(Job.queued_at.is_(None), Job.queued_at < stamp - int(older_than)))
         claimed = []
         for job_id, queued_at in session.execute(stmt).all():
-            same = Job.queued_at.is_(None) if queued_at is None else Job.queued_at == queued_at
-            result = session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, same)
-                .values(queued_at=stamp)
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount == 1:  # type: ignore[attr-defined]
+            if restamp_queued(session, job_id, queued_at, stamp):
                 claimed.append(job_id)
     return claimed
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.db.models import Job
@@ -28,7 +28,7 @@ from loraforge.db.session import session_scope
 from loraforge.ids import now
 from loraforge.jobs import planning
 from loraforge.jobs.gpu_leases import GpuLease, try_acquire
-from loraforge.jobs.state import JobStatus, add_event_once, transition
+from loraforge.jobs.state import JobStatus, add_event_once, restamp_queued, transition
 from loraforge.planner.pools import pool_device_ids, resolve_pools
 from loraforge.settings import Settings, TrainPool
 
@@ -142,11 +142,4 @@ def keep_waiting(sessions: sessionmaker[Session], job_id: str, wait_token: int |
             return None
         # Strictly increasing even within one second, so two copies never hold the same token.
         token = max(now(), (expected or 0) + 1)
-        same = Job.queued_at.is_(None) if expected is None else Job.queued_at == expected
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, same)
-            .values(queued_at=token)
-            .execution_options(synchronize_session=False)
-        )
-        return token if result.rowcount == 1 else None  # type: ignore[attr-defined]
+        return token if restamp_queued(session, job_id, expected, token) else None

@@ -131,3 +131,23 @@ def transition(
         outbox.record_job_event(session, job_id, target.value, values["finished_at"])
     session.flush()
     return True
+
+
+def restamp_queued(session: Session, job_id: str, expected: int | None, stamp: int) -> bool:
+    """Move a queued job's ``queued_at`` from ``expected`` to ``stamp``, if both still hold.
+
+    The compare-and-set that decides which sender may (re-)send a queued job's task: the reaper's
+    re-send of stale jobs and a GPU-waiting task's re-send loop both claim the job this way, so
+    two of them never send for the same ``queued_at``.
+
+    Returns:
+        True if this call moved it; False if the job left ``queued`` or someone else moved it.
+    """
+    same = Job.queued_at.is_(None) if expected is None else Job.queued_at == expected
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, same)
+        .values(queued_at=stamp)
+        .execution_options(synchronize_session=False)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
