@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     # memory_gib}. Scale-out deployments set the same list for the API and every worker.
     train_pools: Annotated[list[TrainPool] | None, NoDecode] = None
     # A cuda job whose GPUs another trainer on this host holds stays queued and its train task is
-    # sent again after this many seconds (``jobs/scheduling.py``).
+    # sent again after this many seconds (``worker/admission.py``).
     gpu_wait_seconds: float = 10.0
 
     # Crash recovery. A worker renews the lease of each job it runs every ``heartbeat_seconds``;

@@ -1,4 +1,4 @@
-"""GPU leases (``jobs/gpu_leases.py``, ``jobs/scheduling.py``): a trainer gets GPUs no other
+"""GPU leases (``worker/gpu_leases.py``, ``worker/admission.py``): a trainer gets GPUs no other
 trainer on the host holds, sees only those (CUDA_VISIBLE_DEVICES), and a job whose GPUs are busy
 stays queued with exactly one re-send chain. No GPU needed: fake pools and a fake trainer."""
 
@@ -21,13 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.jobs import gpu_leases
-from loraforge.jobs.gpu_leases import lock_path, try_acquire
-from loraforge.jobs.worker import run_training
 from loraforge.queue import tasks
 from loraforge.settings import Settings, TrainPool
 from loraforge.trainer.launch import launch_command
 from loraforge.trainer.spec import TrainPlan
+from loraforge.worker import gpu_leases
+from loraforge.worker.gpu_leases import lock_path, try_acquire
+from loraforge.worker.training import run_training
 from tests.helpers import chat_examples, to_jsonl
 
 LLAMA8B = "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"
@@ -73,7 +73,7 @@ def test_a_dead_workers_lease_is_freed_by_the_os(tmp_path: Path) -> None:
                 f"""
                 import sys, time
                 from pathlib import Path
-                from loraforge.jobs.gpu_leases import try_acquire
+                from loraforge.worker.gpu_leases import try_acquire
                 assert try_acquire(Path({str(tmp_path)!r}), ["0"], 1) is not None
                 print("held", flush=True)
                 time.sleep(60)

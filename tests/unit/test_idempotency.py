@@ -167,7 +167,7 @@ def test_failure_after_commit_is_replayed_not_rerun(  # type: ignore[no-untyped-
 def test_a_crash_before_commit_frees_the_key(  # type: ignore[no-untyped-def]
     api: TestClient, make_key, settings: Settings, monkeypatch
 ) -> None:
-    from loraforge.storage import files
+    from loraforge.files import service as files
 
     client = sdk(TestClient(api.app, raise_server_exceptions=False), make_key("acme"))
     real = files.create_file

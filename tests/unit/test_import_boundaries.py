@@ -35,9 +35,9 @@ def test_api_process_never_imports_torch() -> None:
 def test_worker_never_imports_torch() -> None:
     loaded = modules_after_import(
         "loraforge.queue.tasks",
-        "loraforge.jobs.worker",
-        "loraforge.jobs.gpu_leases",
-        "loraforge.jobs.scheduling",
+        "loraforge.worker.training",
+        "loraforge.worker.gpu_leases",
+        "loraforge.worker.admission",
     )
     assert "celery" in loaded
     assert "torch" not in loaded and "transformers" not in loaded

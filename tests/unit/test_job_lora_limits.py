@@ -14,11 +14,11 @@ from sqlalchemy import select
 from loraforge.db.models import FineTunedModel, Job, Organization
 from loraforge.ids import now
 from loraforge.jobs.limits import hosted_model_limit
-from loraforge.jobs.progress import RunProgress
-from loraforge.jobs.worker import _write_spec
 from loraforge.orgs import DEFAULT_TIER
 from loraforge.trainer.recipe import warmup_schedule
 from loraforge.trainer.spec import load_spec
+from loraforge.worker.progress import RunProgress
+from loraforge.worker.training import _write_spec
 from tests.helpers import chat_examples, to_jsonl
 
 TINY = "loraforge/tiny-llama"

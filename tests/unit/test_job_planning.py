@@ -18,13 +18,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.api.app import create_app
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.jobs.planning import CODE, dispatch_pool
-from loraforge.jobs.worker import _write_spec
+from loraforge.jobs.placement import CODE, dispatch_pool
 from loraforge.queue import tasks
 from loraforge.queue.dispatch import CeleryDispatcher
 from loraforge.queue.routing import train_queue, worker_queues
 from loraforge.settings import Settings, TrainPool
 from loraforge.trainer.spec import TrainPlan, load_spec
+from loraforge.worker.training import _write_spec
 from tests.conftest import TEST_POOLS, RecordingDispatcher
 from tests.helpers import chat_examples, to_jsonl
 

@@ -17,10 +17,11 @@ from loraforge.db.models import FileRecord, Job, JobCheckpoint, JobEvent, Organi
 from loraforge.db.session import make_engine, make_sessionmaker, session_scope
 from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
-from loraforge.jobs import checkpoints, reaper, results
+from loraforge.jobs import checkpoints
 from loraforge.jobs.state import JobStatus, add_event, transition
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
+from loraforge.worker import reaper, results
 from tests.conftest import RecordingDispatcher
 from tests.helpers import chat_examples, to_jsonl
 

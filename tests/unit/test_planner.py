@@ -11,7 +11,7 @@ import pytest
 
 from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.errors import InvalidRequestError
-from loraforge.jobs.planning import CODE, plan_for
+from loraforge.jobs.placement import CODE, plan_for
 from loraforge.planner import JobPlan, NoFit, gpus, plan_job
 from loraforge.planner.memory import GIB, RunShape, estimate, lora_params, total_params
 from loraforge.planner.plan import TOKEN_BUDGET_STEP, plan_on

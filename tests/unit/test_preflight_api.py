@@ -17,7 +17,7 @@ from openai import OpenAI
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.jobs import datacheck
+from loraforge.jobs import file_checks
 from loraforge.settings import Settings
 from tests.conftest import RecordingDispatcher
 from tests.helpers import chat_examples, to_jsonl
@@ -87,7 +87,7 @@ def _check_case(
         return
     uploaded = client.files.create(file=(name, io.BytesIO(case.data)), purpose="fine-tune")
     assert uploaded.status == "uploaded" and dispatcher.files_validated[-1] == uploaded.id
-    datacheck.validate_file_record(settings, sessions, uploaded.id)  # what the worker's task does
+    file_checks.validate_file_record(settings, sessions, uploaded.id)  # what the worker's task does
     checked = client.files.retrieve(uploaded.id)
     if case.stage == "file":
         assert checked.status == "error", (case.name, checked.status_details)
@@ -118,7 +118,7 @@ def _check_case(
         return
     job = client.fine_tuning.jobs.create(model=TINY, training_file=uploaded.id, method={"type": case.method})
     assert job.status == "validating_files" and dispatcher.validated[-1] == job.id
-    assert datacheck.validate_job_files(settings, sessions, job.id) is False  # the worker's check
+    assert file_checks.validate_job_files(settings, sessions, job.id) is False  # the worker's check
     failed = client.fine_tuning.jobs.retrieve(job.id)
     assert failed.status == "failed" and failed.error is not None
     assert (failed.error.code, failed.error.param) == (case.job_code, case.job_param), failed.error
@@ -142,7 +142,7 @@ def test_dry_run_matches_the_job_and_stores_nothing(  # type: ignore[no-untyped-
     assert isinstance(est["estimated_duration_seconds"], int) and est["estimated_duration_seconds"] > 0
 
     job = client.fine_tuning.jobs.create(model=TINY, training_file=f.id, hyperparameters={"n_epochs": 3})
-    assert datacheck.validate_job_files(settings, sessions, job.id) is True
+    assert file_checks.validate_job_files(settings, sessions, job.id) is True
     queued = client.fine_tuning.jobs.retrieve(job.id)
     assert queued.status == "queued"
     # The job shows the estimate before it runs.
@@ -189,10 +189,10 @@ def test_task_is_idempotent(
 ) -> None:  # type: ignore[no-untyped-def]
     client = sdk(api, make_key("acme"))
     f = client.files.create(file=("t.jsonl", io.BytesIO(to_jsonl(chat_examples(10)))), purpose="fine-tune")
-    datacheck.validate_file_record(settings, sessions, f.id)
+    file_checks.validate_file_record(settings, sessions, f.id)
     first = client.files.retrieve(f.id)
-    datacheck.validate_file_record(settings, sessions, f.id)
-    datacheck.validate_file_record(settings, sessions, "file-gone")
+    file_checks.validate_file_record(settings, sessions, f.id)
+    file_checks.validate_file_record(settings, sessions, "file-gone")
     assert client.files.retrieve(f.id) == first and first.status == "processed"
     assert first.status_details.startswith("10 valid example(s) in 10 line(s), format chat; 0 error(s)")
 
@@ -222,7 +222,7 @@ def test_validation_file_is_checked_the_same_way(  # type: ignore[no-untyped-def
     lines[1] = json.dumps(bad).encode()
     valid = client.files.create(file=("v.jsonl", io.BytesIO(b"\n".join(lines))), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=TINY, training_file=train.id, validation_file=valid.id)
-    assert datacheck.validate_job_files(settings, sessions, job.id) is False
+    assert file_checks.validate_job_files(settings, sessions, job.id) is False
     error = client.fine_tuning.jobs.retrieve(job.id).error
     assert (error.code, error.param) == ("invalid_training_file", "validation_file")
     assert "line 2: messages[1].weight must be 0 or 1, got 5" in error.message
@@ -241,15 +241,15 @@ def test_a_job_cancelled_during_its_preflight_gets_no_event_after_the_cancellati
     client = sdk(api, make_key("acme"))
     f = client.files.create(file=("t.jsonl", io.BytesIO(to_jsonl(chat_examples(12)))), purpose="fine-tune")
     job = client.fine_tuning.jobs.create(model=TINY, training_file=f.id)
-    real_check = datacheck.run_check
+    real_check = file_checks.run_check
 
     def cancelled_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
         check = real_check(*args, **kwargs)
         assert client.fine_tuning.jobs.cancel(job.id).status == "cancelled"  # lands mid-check
         return check
 
-    monkeypatch.setattr(datacheck, "run_check", cancelled_meanwhile)
-    assert datacheck.validate_job_files(settings, sessions, job.id) is False
+    monkeypatch.setattr(file_checks, "run_check", cancelled_meanwhile)
+    assert file_checks.validate_job_files(settings, sessions, job.id) is False
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id)]  # newest first
     assert messages[0] == "The job was cancelled", messages
     assert not any(m.startswith("Pre-flight:") for m in messages)

@@ -23,7 +23,7 @@ from loraforge.catalog import load_catalog
 from loraforge.cli import serve_children_env
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.jobs.planning import CODE
+from loraforge.jobs.placement import CODE
 from loraforge.planner import gpus, pools
 from loraforge.planner.memory import CUDA_RESERVED_GIB, GIB, total_params
 from loraforge.planner.pools import resolve_pools
@@ -174,8 +174,8 @@ def test_a_pool_that_shrank_under_a_plan_is_planned_again(  # type: ignore[no-un
     job, events = stored(sessions, job_id)
     assert job.plan is not None and job.plan["strategy"] == "qlora" and job.plan["memory_gib"] == 24
     assert events[-1].startswith("Planned: qlora on 1× cuda 24 GiB (pool gpu)")
-    # A plan for more GPUs than the pool has now is stale too (planning.stale_reason).
-    from loraforge.jobs.planning import stale_reason
+    # A plan for more GPUs than the pool has now is stale too (placement.stale_reason).
+    from loraforge.jobs.placement import stale_reason
 
     fsdp = {**job.plan, "strategy": "fsdp", "num_gpus": 4}
     assert stale_reason(fsdp, [TrainPool(name="gpu", device="cuda", count=2, memory_gib=24)]) == (

@@ -17,9 +17,9 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.db.models import Upload, UploadPart
 from loraforge.db.session import make_engine, make_sessionmaker, session_scope
-from loraforge.jobs import datacheck
+from loraforge.files import uploads
+from loraforge.jobs import file_checks
 from loraforge.settings import Settings
-from loraforge.storage import uploads
 from loraforge.storage.blobs import BlobStore
 from tests.conftest import RecordingDispatcher
 from tests.helpers import chat_examples, to_jsonl
@@ -67,7 +67,7 @@ def test_chunked_upload_of_a_file_over_the_files_limit(  # type: ignore[no-untyp
     assert client.files.content(done.file.id).read() == data
     assert dispatcher.files_validated == [done.file.id]
     assert _parts_on_disk(settings, done.id) == []  # the parts are gone once the file exists
-    datacheck.validate_file_record(settings, sessions, done.file.id)
+    file_checks.validate_file_record(settings, sessions, done.file.id)
     assert client.files.retrieve(done.file.id).status == "processed"
 
 

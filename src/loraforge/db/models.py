@@ -104,7 +104,7 @@ class Job(Base):
     # Pre-flight of the job's files against its base model: token counts and the run estimate
     # (``loraforge.preflight``), written when the job leaves ``validating_files``.
     preflight: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    # The memory plan chosen at creation (``loraforge.jobs.planning``): pool, strategy, GPUs,
+    # The memory plan chosen at creation (``loraforge.jobs.placement``): pool, strategy, GPUs,
     # token budget, checkpointing, estimated peak per component. None: created before plans.
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 

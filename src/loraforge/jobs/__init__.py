@@ -1,1 +1,2 @@
-"""Fine-tuning jobs: parameters, the state machine and its events, naming, creation and cancel."""
+"""The fine_tuning.jobs resource: parameters, the state machine and its events, creation,
+listing, cancel, pause/resume, the stored placement plan and the job-level file checks."""

@@ -1,7 +1,7 @@
 """Job checkpoints in the database: recorded from the trainer's ``checkpoint`` lines, listed by
 ``GET /v1/fine_tuning/jobs/{id}/checkpoints``, served as models ``{fine_tuned_model}:ckpt-step-N``.
 
-The directories themselves are written and pruned by the trainer (``trainer/checkpoint.py``);
+The directories themselves are written and pruned by the trainer (``trainer/checkpointer.py``);
 a row exists only while its directory does.
 """
 

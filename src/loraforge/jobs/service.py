@@ -14,7 +14,7 @@ from loraforge.db.models import FileRecord, Job, JobEvent, Organization
 from loraforge.db.pagination import paginate
 from loraforge.errors import InvalidRequestError, NotFoundError
 from loraforge.ids import new_id, now
-from loraforge.jobs import checkpoints, datacheck, planning
+from loraforge.jobs import checkpoints, file_checks, placement
 from loraforge.jobs.compat import servable_hyperparameters
 from loraforge.jobs.limits import check_hosted_model_limit
 from loraforge.jobs.params import JobCreateParams
@@ -84,7 +84,7 @@ def dry_run_job(
     params: JobCreateParams,
 ) -> dict[str, Any]:
     """``dry_run: true``: the request checks a real create makes, then the pre-flight a worker
-    makes (``jobs/datacheck.py``), answered now; nothing is stored.
+    makes (``jobs/file_checks.py``), answered now; nothing is stored.
 
     Raises:
         InvalidRequestError, NotFoundError: as :func:`create_job` does, except that a file whose
@@ -101,9 +101,9 @@ def dry_run_job(
     hyper = servable_hyperparameters(catalog, base, params)
     entry = catalog.get(base)
     assert entry is not None
-    plan = planning.plan_for(settings, entry, hyper)  # 400 if no worker pool can train it
-    report = datacheck.dry_run(session, settings, blobs, entry, params, hyper, training, validation)
-    return {**report, "plan": planning.public_plan(plan.to_record())}
+    plan = placement.plan_for(settings, entry, hyper)  # 400 if no worker pool can train it
+    report = file_checks.dry_run(session, settings, blobs, entry, params, hyper, training, validation)
+    return {**report, "plan": placement.public_plan(plan.to_record())}
 
 
 def create_job(
@@ -123,7 +123,7 @@ def create_job(
     hyper = servable_hyperparameters(catalog, base, params)  # 400 if the LoRA could not be served
     entry = catalog.get(base)
     assert entry is not None
-    plan = planning.plan_for(settings, entry, hyper)  # 400 model_too_large_for_workers
+    plan = placement.plan_for(settings, entry, hyper)  # 400 model_too_large_for_workers
     check_hosted_model_limit(session, org)  # 400 hosted_model_limit_reached past the plan's limit
     job = Job(
         id=new_id("ftjob-"),
@@ -146,7 +146,7 @@ def create_job(
     session.add(job)
     session.flush()
     add_event(session, job.id, f"Created fine-tuning job: {job.id}")
-    add_event(session, job.id, f"Planned: {plan.summary()}", data=planning.public_plan(job.plan))
+    add_event(session, job.id, f"Planned: {plan.summary()}", data=placement.public_plan(job.plan))
     add_event(session, job.id, f"Validating training file: {job.training_file}")
     session.flush()
     return job

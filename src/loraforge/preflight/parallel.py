@@ -1,7 +1,7 @@
 """Validate a large local file with one process per core.
 
 The file is cut into byte ranges at line starts; each range is checked (and its tokens counted) by
-its own ``python -m loraforge.preflight.worker`` process, and the reports are merged in file order:
+its own ``python -m loraforge.preflight.scan_process`` process, and the reports are merged in file order:
 issue line numbers shifted by the lines before their range, the earliest ``MAX_ISSUES`` kept,
 totals summed. The file's format is taken from its first recognisable line beforehand, so every
 range judges "mixed formats" the same way. Each process holds one batch of its range, never the
@@ -99,14 +99,14 @@ def scan_range(task: dict[str, Any], report_progress: Callable[[int], None]) -> 
 
 
 class _Worker:
-    """One ``python -m loraforge.preflight.worker`` process and the bytes it says it has read."""
+    """One ``python -m loraforge.preflight.scan_process`` process and the bytes it says it has read."""
 
     def __init__(self, task: dict[str, Any], result: Path) -> None:
         self.result = result
         self.read = 0
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}  # the processes are the parallelism
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loraforge.preflight.worker", str(result)],
+            [sys.executable, "-m", "loraforge.preflight.scan_process", str(result)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

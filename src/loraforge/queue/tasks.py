@@ -1,4 +1,4 @@
-"""Celery tasks: thin, ids in, idempotent. The work is in ``loraforge.jobs.worker``."""
+"""Celery tasks: thin, ids in, idempotent. The work is in ``loraforge.worker.training``."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.jobs import datacheck, planning, worker
-from loraforge.jobs.reaper import Reaper
+from loraforge.jobs import file_checks, placement
 from loraforge.queue.routing import train_queue
 from loraforge.settings import get_settings
 from loraforge.webhooks import delivery
 from loraforge.webhooks.sweeper import Sweeper
+from loraforge.worker import training
+from loraforge.worker.reaper import Reaper
 
 
 @lru_cache
@@ -25,7 +26,7 @@ def _sessions() -> sessionmaker[Session]:
 @shared_task(name="loraforge.validate_job", acks_late=True)
 def validate_job_task(job_id: str) -> None:
     """Check the job's files; if they pass, queue the training task."""
-    if worker.validate_job(get_settings(), _sessions(), job_id):
+    if training.validate_job(get_settings(), _sessions(), job_id):
         queue_training(job_id)
 
 
@@ -33,10 +34,10 @@ def queue_training(job_id: str, wait_token: int | None = None, countdown: float 
     """Send the job's training task to the queue of the pool its memory plan chose.
 
     A job without a usable plan (none, a pool that is gone or changed) is planned again first;
-    one that then fits no configured pool stays queued and nothing is sent (``jobs/planning.py``).
-    ``wait_token`` and ``countdown``: the re-send of a job waiting for GPUs (``jobs/scheduling.py``).
+    one that then fits no configured pool stays queued and nothing is sent (``jobs/placement.py``).
+    ``wait_token`` and ``countdown``: the re-send of a job waiting for GPUs (``worker/admission.py``).
     """
-    pool = planning.pool_of(get_settings(), _sessions(), job_id)
+    pool = placement.pool_of(get_settings(), _sessions(), job_id)
     if pool is not None:
         train_job_task.apply_async(args=[job_id, wait_token], queue=train_queue(pool), countdown=countdown)
 
@@ -44,7 +45,7 @@ def queue_training(job_id: str, wait_token: int | None = None, countdown: float 
 @shared_task(name="loraforge.validate_file", acks_late=True)
 def validate_file_task(file_id: str) -> None:
     """Pre-flight an uploaded fine-tune file: ``uploaded`` -> ``processed`` | ``error``."""
-    datacheck.validate_file_record(get_settings(), _sessions(), file_id)
+    file_checks.validate_file_record(get_settings(), _sessions(), file_id)
 
 
 @shared_task(name="loraforge.train_job", acks_late=True)
@@ -54,7 +55,7 @@ def train_job_task(job_id: str, wait_token: int | None = None) -> None:
     If its GPUs are busy, the task is sent again after ``gpu_wait_seconds`` (the job stays queued).
     """
     settings = get_settings()
-    token = worker.run_training(settings, _sessions(), job_id, wait_token)
+    token = training.run_training(settings, _sessions(), job_id, wait_token)
     if token is not None:
         queue_training(job_id, token, countdown=settings.gpu_wait_seconds)
 
@@ -75,5 +76,5 @@ def _start_webhook_sweeper(**_: object) -> None:
 @worker_ready.connect
 def _start_reaper(**_: object) -> None:
     """Each worker process reconciles jobs once at start, then re-queues stale ones periodically
-    (``loraforge.jobs.reaper``: a SIGKILLed worker's tasks are never redelivered by Celery)."""
+    (``loraforge.worker.reaper``: a SIGKILLed worker's tasks are never redelivered by Celery)."""
     Reaper(get_settings(), _sessions(), train=queue_training, validate=validate_job_task.delay).start()

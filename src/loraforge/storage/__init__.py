@@ -1,1 +1,1 @@
-"""Blob storage for uploaded files, result files and adapters."""
+"""The blob store: uploaded files, upload parts, result files and adapters, through fsspec."""

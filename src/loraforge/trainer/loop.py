@@ -1,6 +1,6 @@
 """The optimisation loop: steps, metrics lines, validation, epoch checkpoints, pause.
 
-The loop can start anywhere: :class:`~loraforge.trainer.checkpoint.Position` says which epoch,
+The loop can start anywhere: :class:`~loraforge.trainer.checkpointer.Position` says which epoch,
 which batch of it, and the data-order generator state, so a resumed run takes exactly the steps
 an uninterrupted one would have taken (same batches, same RNG, same optimizer state).
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from loraforge.trainer import checkpoint as ckpt
+from loraforge.trainer import checkpointer as ckpt
 from loraforge.trainer import distributed as dist
 from loraforge.trainer.data import TokenizedExample
 from loraforge.trainer.packing import MicroBatch, shard_for_rank, step_micro_batches

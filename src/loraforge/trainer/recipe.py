@@ -38,7 +38,7 @@ from loraforge.adapters.format import (
 )
 from loraforge.catalog.catalog import BaseModelEntry, load_catalog
 from loraforge.catalog.loading import load_tokenizer
-from loraforge.trainer import checkpoint as ckpt
+from loraforge.trainer import checkpointer as ckpt
 from loraforge.trainer import distributed as dist
 from loraforge.trainer.data import TokenizedExample, TrainingDataError, read_chat_jsonl, tokenize_dataset
 from loraforge.trainer.device_setup import compute_dtype, load_base, make_optimizer, prepare_for_training

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from loraforge.adapters.format import ADAPTER_CONFIG, MANIFEST, LoraSettings, read_manifest
 from loraforge.catalog.catalog import BaseModelEntry
-from loraforge.trainer import checkpoint as ckpt
+from loraforge.trainer import checkpointer as ckpt
 from loraforge.trainer.spec import TrainSpec
 
 

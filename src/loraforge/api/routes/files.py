@@ -12,7 +12,7 @@ from loraforge.api.idempotency import idempotency
 from loraforge.api.schemas.common import list_page
 from loraforge.api.schemas.files import file_public
 from loraforge.errors import InvalidRequestError
-from loraforge.storage import files
+from loraforge.files import service as files
 
 router = APIRouter(prefix="/files", tags=["files"])
 

@@ -13,7 +13,7 @@ from loraforge.api.schemas.common import list_page
 from loraforge.api.schemas.fine_tuning import checkpoint_public, event_public, job_public
 from loraforge.jobs import checkpoints, control, service
 from loraforge.jobs.params import JobCreateParams
-from loraforge.jobs.planning import dispatch_pool
+from loraforge.jobs.placement import dispatch_pool
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"])
 

@@ -13,7 +13,7 @@ from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
 from loraforge.api.errors import error_body
 from loraforge.api.idempotency import idempotency
 from loraforge.api.schemas.uploads import UploadComplete, UploadCreate, part_public, upload_public
-from loraforge.storage import uploads
+from loraforge.files import uploads
 
 router = APIRouter(prefix="/uploads", tags=["uploads"])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from loraforge.db.models import Job, JobCheckpoint, JobEvent, Organization
-from loraforge.jobs.planning import public_plan
+from loraforge.jobs.placement import public_plan
 
 
 def job_public(job: Job, org: Organization) -> dict[str, Any]:

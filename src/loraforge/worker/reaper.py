@@ -30,9 +30,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.ids import now
-from loraforge.jobs import artefacts
 from loraforge.jobs.state import JobStatus, restamp_queued, transition
 from loraforge.settings import Settings
+from loraforge.worker import artefacts
 
 log = logging.getLogger(__name__)
 

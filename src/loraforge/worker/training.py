@@ -25,17 +25,18 @@ from loraforge.db.models import FileRecord, Job, Organization
 from loraforge.db.session import session_scope
 from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
-from loraforge.jobs import artefacts, datacheck, planning, results, scheduling
-from loraforge.jobs.gpu_leases import GpuLease
+from loraforge.jobs import file_checks, placement
 from loraforge.jobs.naming import fine_tuned_model_name
-from loraforge.jobs.progress import RunProgress
 from loraforge.jobs.state import JobStatus, add_event, transition
-from loraforge.jobs.trainer_process import TrainerProcess
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.trainer.kernels import requested_kernels
 from loraforge.trainer.launch import launch_command
 from loraforge.trainer.spec import load_spec
+from loraforge.worker import admission, artefacts, results
+from loraforge.worker.gpu_leases import GpuLease
+from loraforge.worker.progress import RunProgress
+from loraforge.worker.trainer_process import TrainerProcess
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +54,10 @@ def _file_path(session: Session, blobs: BlobStore, file_id: str) -> Path:
 def validate_job(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> bool:
     """``validating_files`` -> ``queued`` (True) or ``failed`` with the files' problem (False).
 
-    The full pre-flight against the job's base model (``jobs/datacheck.py``): every line checked,
+    The full pre-flight against the job's base model (``jobs/file_checks.py``): every line checked,
     tokens counted with the model's tokenizer and chat template, the format matched to the method.
     """
-    return datacheck.validate_job_files(settings, sessions, job_id)
+    return file_checks.validate_job_files(settings, sessions, job_id)
 
 
 _OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -108,7 +109,7 @@ def _write_spec(settings: Settings, session: Session, job: Job, run_dir: Path) -
 
 
 def _plan_fields(job: Job) -> dict[str, object]:
-    plan = planning.train_plan(job)
+    plan = placement.train_plan(job)
     if plan is None or job.plan is None:
         return {}
     return {"plan": plan.model_dump(mode="json"), "device": job.plan.get("device", "auto")}
@@ -198,7 +199,7 @@ def run_training(
 ) -> int | None:
     """``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``paused``, once its GPUs are free.
 
-    A cuda job first leases ``plan.num_gpus`` GPUs of this host (``jobs/scheduling.py``) and its
+    A cuda job first leases ``plan.num_gpus`` GPUs of this host (``worker/admission.py``) and its
     trainer sees only those (``CUDA_VISIBLE_DEVICES``); while they are busy the job stays queued.
 
     Args:
@@ -210,14 +211,14 @@ def run_training(
     Returns:
         None, or, when the job waits for GPUs, the token the re-sent train task must carry.
     """
-    admission = scheduling.admit(settings, sessions, job_id)
-    if admission.wait:
-        return scheduling.keep_waiting(sessions, job_id, wait_token)
+    admitted = admission.admit(settings, sessions, job_id)
+    if admitted.wait:
+        return admission.keep_waiting(sessions, job_id, wait_token)
     try:
-        _run(settings, sessions, job_id, admission.lease)
+        _run(settings, sessions, job_id, admitted.lease)
     finally:
-        if admission.lease is not None:
-            admission.lease.release()  # the trainer has exited: the GPUs are free again
+        if admitted.lease is not None:
+            admitted.lease.release()  # the trainer has exited: the GPUs are free again
     return None
 
 

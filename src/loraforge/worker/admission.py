@@ -1,7 +1,7 @@
 """Whether a queued job can start on this worker now: GPU leases, and waiting for them.
 
 A cuda job needs ``plan.num_gpus`` GPUs of its pool that no other trainer on this host uses
-(``jobs/gpu_leases.py``). When they are not free the job stays ``queued`` and its train task is
+(``worker/gpu_leases.py``). When they are not free the job stays ``queued`` and its train task is
 sent again with a countdown (``gpu_wait_seconds``) instead of blocking a worker slot: a slot held
 by a waiting job would stall validations and CPU jobs, and a waiting GPU job may wait for hours.
 
@@ -26,11 +26,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.ids import now
-from loraforge.jobs import planning
-from loraforge.jobs.gpu_leases import GpuLease, try_acquire
+from loraforge.jobs import placement
 from loraforge.jobs.state import JobStatus, add_event_once, restamp_queued, transition
 from loraforge.planner.pools import pool_device_ids, resolve_pools
 from loraforge.settings import Settings, TrainPool
+from loraforge.worker.gpu_leases import GpuLease, try_acquire
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def admit(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> A
         queued: the caller's start finds that out), ``Admission(wait=True)`` when the GPUs are
         busy, when leasing failed unexpectedly (:func:`_lease_error`), or when the plan no longer
         fits its pool (more GPUs or memory than the pool has now): the re-send goes through
-        dispatch, which plans the job again (``jobs/planning.py``) rather than failing or running
+        dispatch, which plans the job again (``jobs/placement.py``) rather than failing or running
         it into an OOM. A plan that matches the configuration but needs more GPUs than this
         host has fails the job (it can never start here) and answers ``Admission()``.
     """
@@ -94,7 +94,7 @@ def admit(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> A
         return Admission()
     pools = resolve_pools(settings)
     pool = next((p for p in pools if p.name == plan.get("pool")), None)
-    if pool is not None and planning.stale_reason(plan, pools) is not None:
+    if pool is not None and placement.stale_reason(plan, pools) is not None:
         log.info("job %s: its plan no longer fits pool %s; planned again at its re-send", job_id, pool.name)
         return Admission(wait=True)
     count = max(int(plan.get("num_gpus") or 1), 1)

@@ -1,4 +1,4 @@
-"""``python -m loraforge.preflight.worker RESULT``: check one byte range of a file for
+"""``python -m loraforge.preflight.scan_process RESULT``: check one byte range of a file for
 ``preflight/parallel.py``. Reads the pickled task on stdin, prints ``read N`` progress lines, and
 pickles ``(FileReport, ScanState)`` to RESULT."""
 

@@ -20,9 +20,9 @@ from sqlalchemy.orm import Session
 
 from loraforge.db.models import FileRecord, Organization, Upload, UploadPart
 from loraforge.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from loraforge.files.service import check_purpose_and_name
 from loraforge.ids import new_id, now
 from loraforge.storage.blobs import CHUNK, BlobStore
-from loraforge.storage.files import check_purpose_and_name
 
 PART_MAX_BYTES = 64 * 1024 * 1024
 # OpenAI accepts 8 GB per upload; ``files.bytes`` is a 32-bit INTEGER column on PostgreSQL, so an
