@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     engine_host: str = "127.0.0.1"
     engine_port: int = 8100
     # Base model -> engine URLs that serve it, e.g. ``{"loraforge/tiny-llama": ["http://127.0.0.1:8100"]}``.
-    # Empty means: the one local engine (``engine_host:engine_port``) serves ``serve_base_model``.
+    # Empty means: the one local engine (``engine_host:engine_port``) serves ``serve_base_model``
+    # (``loraforge.engines.EngineFleet.from_settings`` reads this).
     engines: dict[str, list[str]] = Field(default_factory=dict)
     # Bearer key the engines require on /v1 (``loraforge engine``, or a vLLM ``--api-key``); the
     # worker and the API send it. Empty: no key.
@@ -175,14 +176,6 @@ class Settings(BaseSettings):
     def exports_dir(self) -> Path:
         """Cached model exports (merged weights), one folder per fine-tuning job."""
         return self.home / "exports"
-
-    def engine_urls(self, base_model: str) -> list[str]:
-        """The engines that serve ``base_model`` (empty if none)."""
-        if self.engines:
-            return list(self.engines.get(base_model, []))
-        if base_model == self.serve_base_model:
-            return [f"http://{self.engine_host}:{self.engine_port}"]
-        return []
 
 
 @lru_cache

@@ -25,7 +25,7 @@ def test_api_process_never_imports_torch() -> None:
         "loraforge.api.app",
         "loraforge.cli",
         "loraforge.queue.dispatch",
-        "loraforge.serving.client",
+        "loraforge.engines",
         "loraforge.planner",
     )
     assert "fastapi" in loaded

@@ -21,8 +21,8 @@ from peft import PeftModel
 from loraforge.adapters.format import read_manifest, write_manifest
 from loraforge.catalog import load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
+from loraforge.engines import EngineClient, EngineRequestError
 from loraforge.serving.app import create_engine_app, run_engine
-from loraforge.serving.client import EngineClient, EngineRequestError
 from loraforge.serving.engine import Engine, GenerationResult, load_engine
 from loraforge.serving.errors import AdapterNotLoaded, BaseModelMismatch, UnknownBaseModel
 from loraforge.settings import Settings
@@ -374,7 +374,7 @@ def test_engine_client_against_live_server(engine, tiny):
                     pass
             assert info.value.model_not_found
             await client.load_adapter(name, tiny[2])
-            assert name in (await client.health())["adapters"] and name in await client.models()
+            assert name in (await client.health()).adapters and name in await client.models()
             status, body = await client.chat(payload)
             assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
             raw = b"".join([chunk async for chunk in client.stream_chat(payload)]).decode()
@@ -396,7 +396,7 @@ def test_engine_client_against_live_server(engine, tiny):
 
 def test_client_and_app_import_without_torch():
     code = (
-        "import sys, loraforge.serving.client, loraforge.serving.app\n"
+        "import sys, loraforge.engines, loraforge.serving.app\n"
         "heavy = ('torch', 'transformers', 'peft', 'loraforge.serving.engine')\n"
         "bad = [m for m in heavy if m in sys.modules]\n"
         "assert not bad, bad\n"

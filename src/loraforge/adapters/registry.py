@@ -1,9 +1,11 @@
-"""The registry: public fine-tuned model names -> adapter directories, and the engines that
-serve them. Users name adapters; they never send paths (vLLM's ``LoRARequest`` advice)."""
+"""The registry: public fine-tuned model names -> adapter directories, in the database.
+
+Users name adapters; they never send paths (vLLM's ``LoRARequest`` advice). Putting adapters on
+engines is ``loraforge.engines.EngineFleet``'s job; this module does no HTTP.
+"""
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,9 +16,6 @@ from loraforge.adapters.format import validate_adapter_dir
 from loraforge.db.models import FineTunedModel, JobCheckpoint, Organization
 from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
-from loraforge.settings import Settings
-
-log = logging.getLogger(__name__)
 
 
 def register(session: Session, *, name: str, org_id: str, job_id: str, adapter_dir: Path) -> FineTunedModel:
@@ -33,36 +32,6 @@ def register(session: Session, *, name: str, org_id: str, job_id: str, adapter_d
     session.add(model)
     session.flush()
     return model
-
-
-def load_into_engines(settings: Settings, model: FineTunedModel) -> list[str]:
-    """Hot-load ``model`` into every engine serving its base; return the URLs that failed.
-
-    A failure is not fatal: the API loads an adapter on the first request that names it.
-    """
-    from loraforge.serving.client import EngineClient
-
-    failed = []
-    for url in settings.engine_urls(model.base_model):
-        try:
-            EngineClient(url, api_key=settings.engine_api_key or None).load_adapter_sync(
-                model.id, model.adapter_path
-            )
-        except Exception as exc:  # noqa: BLE001 - any engine failure is reported, not raised
-            log.warning("could not load %s into %s: %s", model.id, url, exc)
-            failed.append(url)
-    return failed
-
-
-def unload_from_engines(settings: Settings, model: FineTunedModel) -> None:
-    """Unload ``model`` from every engine replica serving its base (best effort, logged)."""
-    from loraforge.serving.client import EngineClient
-
-    for url in settings.engine_urls(model.base_model):
-        try:
-            EngineClient(url, api_key=settings.engine_api_key or None).unload_adapter_sync(model.id)
-        except Exception as exc:  # noqa: BLE001
-            log.info("unload of %s from %s: %s", model.id, url, exc)
 
 
 def get_fine_tuned_model(session: Session, org: Organization, name: str) -> FineTunedModel:
@@ -151,16 +120,3 @@ def resolve(session: Session, org: Organization, name: str) -> ServedModel:
         ckpt.created_at,
         ckpt.step_number,
     )
-
-
-def unload_names(settings: Settings, base_model: str, names: list[str]) -> None:
-    """Unload adapters by name from every engine serving ``base_model`` (best effort, logged)."""
-    from loraforge.serving.client import EngineClient
-
-    for url in settings.engine_urls(base_model) if names else []:
-        client = EngineClient(url, api_key=settings.engine_api_key or None)
-        for name in names:
-            try:
-                client.unload_adapter_sync(name)
-            except Exception as exc:  # noqa: BLE001
-                log.info("unload of %s from %s: %s", name, url, exc)

@@ -9,11 +9,13 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from loraforge.api.deps import Dispatcher, Services
-from loraforge.api.errors import error_body, install_error_handlers
+from loraforge.api.errors import install_error_handlers
 from loraforge.api.idempotency import install_idempotency
 from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models, uploads, webhook_endpoints
 from loraforge.catalog import load_catalog
+from loraforge.contracts.envelope import error_body
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
+from loraforge.engines import EngineFleet
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.web import mount_web
@@ -41,8 +43,10 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
             catalog=load_catalog(settings.models_config),
             blobs=BlobStore(str(settings.blobs_dir)),
             dispatcher=chosen,
+            engines=EngineFleet.from_settings(settings),
         )
         yield
+        await app.state.services.engines.aclose()
         engine.dispose()
 
     app = FastAPI(title="loraforge", version="0.1.0", lifespan=lifespan)

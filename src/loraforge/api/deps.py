@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.catalog import Catalog
 from loraforge.db.models import Organization
 from loraforge.db.session import session_scope
+from loraforge.engines import EngineFleet
 from loraforge.errors import AuthenticationError
 from loraforge.orgs import authenticate
 from loraforge.settings import Settings
@@ -30,11 +31,15 @@ class Dispatcher(Protocol):
 
 @dataclass
 class Services:
+    """What the routes work with, built once in the app's lifespan."""
+
     settings: Settings
     sessions: sessionmaker[Session]
     catalog: Catalog
     blobs: BlobStore
     dispatcher: Dispatcher
+    # The inference engines: chat is relayed to them, deleted models unloaded from them.
+    engines: EngineFleet
 
 
 def get_services(request: Request) -> Services:

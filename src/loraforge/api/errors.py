@@ -1,4 +1,9 @@
-"""The one mapping from errors to OpenAI's envelope ``{"error": {message, type, param, code}}``."""
+"""The API's one mapping from errors to OpenAI's envelope ``{"error": {message, type, param, code}}``.
+
+The envelope and the reading of a failed validation are ``loraforge.contracts.envelope``'s, shared
+with the engine so both report the same ``param``; ``error_body`` is re-exported for the API's
+middleware that answers before a route runs.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +14,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraforge.contracts.envelope import error_body, validation_error
 from loraforge.errors import LoraforgeError
 
 log = logging.getLogger(__name__)
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def _loc_to_param(loc: tuple) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
-    # pydantic unions add the member name (e.g. "int", "literal['auto']") to the location.
-    parts = [
-        p
-        for p in parts
-        if not p.startswith(("literal[", "constrained-", "function-"))
-        and p not in ("int", "float", "str", "bool", "dict", "list")
-    ]
-    return ".".join(parts) or None
 
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
@@ -42,17 +32,7 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": "Invalid request"}
-    param = _loc_to_param(tuple(first.get("loc", ())))
-    msg = str(first.get("msg", "Invalid request"))
-    if first.get("type") == "extra_forbidden":
-        msg = f"Unrecognized request argument supplied: {param}"
-    elif first.get("type") == "json_invalid":
-        msg = "We could not parse the JSON body of your request."
-        param = None
-    else:
-        msg = f"Invalid value for '{param}': {msg}" if param else msg
+    msg, param = validation_error(exc.errors())
     return JSONResponse(error_body(msg, "invalid_request_error", param, None), status_code=400)
 
 
@@ -77,7 +57,11 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Map domain errors, validation errors, HTTP errors and anything unexpected to the envelope."""
     app.add_exception_handler(LoraforgeError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
+
+
+__all__ = ["error_body", "install_error_handlers"]

@@ -6,9 +6,11 @@
     POST /v1/chat/completions      OpenAI ChatCompletion, or SSE chunks with ``stream: true``
     GET  /health                   {"status": "ok", "base_model", "adapters"}
 
-Every error is the OpenAI envelope ``{"error": {"message", "type", "param", "code"}}``; a request
-naming a model that is not loaded gets 404 with ``code: "model_not_found"``. Importing this module
-loads no torch: the engine is built by the factory at startup (lifespan).
+The request and response models of the adapter protocol are ``loraforge.contracts.engine``'s,
+shared with the client (``loraforge.engines``). Every error is the OpenAI envelope
+``{"error": {"message", "type", "param", "code"}}`` built by ``contracts.envelope``, as the API
+builds it; a request naming a model that is not loaded gets 404 with ``code: "model_not_found"``.
+Importing this module loads no torch: the engine is built by the factory at startup (lifespan).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -29,6 +30,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraforge.contracts.engine import (
+    EngineHealth,
+    LoadLoRAAdapterRequest,
+    ModelCard,
+    ModelList,
+    UnloadLoRAAdapterRequest,
+)
+from loraforge.contracts.envelope import error_body, validation_error
 from loraforge.serving.errors import (
     AdapterNotLoaded,
     AuthenticationFailed,
@@ -39,12 +48,9 @@ from loraforge.serving.errors import (
 )
 from loraforge.serving.protocol import (
     ChatCompletionRequest,
-    LoadLoRAAdapterRequest,
-    UnloadLoRAAdapterRequest,
     chat_chunk,
     chat_completion,
     completion_id,
-    model_card,
     now,
     usage,
 )
@@ -121,13 +127,13 @@ async def unload_lora_adapter(body: UnloadLoRAAdapterRequest, engine: EngineDep)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
 
-def _model_cards(engine: ServingEngine) -> list[dict[str, Any]]:
+def _model_cards(engine: ServingEngine) -> list[ModelCard]:
     entry = engine.entry
-    cards = [model_card(entry.id, created=entry.created, owned_by=entry.owned_by, root=entry.weights)]
+    cards = [ModelCard(id=entry.id, created=entry.created, owned_by=entry.owned_by, root=entry.weights)]
     for adapter in engine.describe_adapters():
         cards.append(
-            model_card(
-                adapter.name,
+            ModelCard(
+                id=adapter.name,
                 created=adapter.manifest.created_at,
                 owned_by=entry.owned_by,
                 root=str(adapter.path),
@@ -138,16 +144,16 @@ def _model_cards(engine: ServingEngine) -> list[dict[str, Any]]:
 
 
 @router.get("/models")
-async def list_models(engine: EngineDep) -> dict[str, Any]:
+async def list_models(engine: EngineDep) -> ModelList:
     """The base model and every loaded adapter."""
-    return {"object": "list", "data": _model_cards(engine)}
+    return ModelList(data=_model_cards(engine))
 
 
 @router.get("/models/{model:path}")
-async def retrieve_model(model: str, engine: EngineDep) -> dict[str, Any]:
+async def retrieve_model(model: str, engine: EngineDep) -> ModelCard:
     """One model card (base model or loaded adapter)."""
     for card in _model_cards(engine):
-        if card["id"] == model:
+        if card.id == model:
             return card
     raise AdapterNotLoaded(model)
 
@@ -237,53 +243,28 @@ async def _sse_events(
         yield _event(exc.to_envelope())
     except Exception:
         logger.exception("generation failed mid-stream")
-        yield _event(_envelope("The server had an error while processing your request.", "server_error"))
+        yield _event(error_body("The server had an error while processing your request.", "server_error"))
     finally:
         cancel.set()
 
 
-@health_router.get("/health")
-async def health(engine: EngineDep) -> dict[str, Any]:
+@health_router.get("/health", response_model_exclude_none=True)
+async def health(engine: EngineDep) -> EngineHealth:
     """Liveness, what is loaded, and batching counters (``stats``) when the engine keeps them."""
-    body: dict[str, Any] = {
-        "status": "ok",
-        "base_model": engine.base_model,
-        "adapters": engine.loaded_adapters(),
-    }
     stats = getattr(engine, "stats", None)
-    if callable(stats):
-        body["stats"] = stats()
-    return body
+    return EngineHealth(
+        status="ok",
+        base_model=engine.base_model,
+        adapters=engine.loaded_adapters(),
+        stats=stats() if callable(stats) else None,
+    )
 
 
 # ------------------------------------------------------------------------------------- errors
-def _envelope(
-    message: str, error_type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def _param(errors: Sequence[Any]) -> str | None:
-    """``messages.[0].role`` from pydantic locs; union-member tags are dropped (common prefix)."""
-    locs = [tuple(e.get("loc", ()))[1:] if tuple(e.get("loc", ()))[:1] == ("body",) else () for e in errors]
-    same_field = [loc for loc in locs if loc[:1] == locs[0][:1]] if locs else []
-    prefix = os.path.commonprefix(same_field) if len(same_field) > 1 else (same_field or [()])[0]
-    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in prefix]
-    return ".".join(parts) or None
-
-
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
-    first = errors[0] if errors else {}
-    param = _param(errors)
-    if first.get("type") == "json_invalid":
-        message, param = "We could not parse the JSON body of your request.", None
-    elif first.get("type") == "missing":
-        message = f"Missing required parameter: '{param}'." if param else "The request body is missing."
-    else:
-        where = f"Invalid value for '{param}': " if param else "Invalid request body: "
-        message = where + str(first.get("msg", "invalid value")) + "."
-    return JSONResponse(_envelope(message, "invalid_request_error", param), status_code=400)
+    # The API's reading of a failed validation, so both report the same ``param`` and message.
+    message, param = validation_error(exc.errors() if isinstance(exc, RequestValidationError) else [])
+    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
 
 
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
@@ -293,13 +274,13 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    body = _envelope(str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+    body = error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = _envelope("The server had an error while processing your request.", "server_error")
+    body = error_body("The server had an error while processing your request.", "server_error")
     return JSONResponse(body, status_code=500)
 
 

@@ -1,12 +1,15 @@
 """Typed engine errors, each carrying the OpenAI error envelope fields it maps to.
 
 Pure (no torch, no FastAPI): the engine raises these, ``serving.app`` maps them once to
-``{"error": {"message", "type", "param", "code"}}``.
+``{"error": {"message", "type", "param", "code"}}`` with ``contracts.envelope`` (the API's helper).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from loraforge.contracts.engine import MODEL_NOT_FOUND
+from loraforge.contracts.envelope import error_body
 
 
 class EngineError(Exception):
@@ -27,14 +30,7 @@ class EngineError(Exception):
 
     def to_envelope(self) -> dict[str, Any]:
         """The OpenAI error body for this error."""
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_body(self.message, self.error_type, self.param, self.code)
 
 
 class InvalidRequest(EngineError):
@@ -44,11 +40,11 @@ class InvalidRequest(EngineError):
 class AdapterNotLoaded(EngineError):
     """A request names a model that is neither the base model nor a loaded adapter.
 
-    The API process relies on ``code == "model_not_found"`` (HTTP 404) to hot-load and retry.
+    The engine fleet relies on ``code == MODEL_NOT_FOUND`` (HTTP 404) to hot-load and retry.
     """
 
     status_code = 404
-    code = "model_not_found"
+    code = MODEL_NOT_FOUND
     param = "model"
 
     def __init__(self, name: str, *, param: str | None = None) -> None:
@@ -88,7 +84,7 @@ class AdapterConflict(EngineError):
 class UnknownBaseModel(EngineError):
     """The engine was asked to serve a base model the catalog does not know."""
 
-    code = "model_not_found"
+    code = MODEL_NOT_FOUND
     param = "model"
 
 

@@ -1,7 +1,8 @@
-"""Wire models of the engine: vLLM's adapter requests and OpenAI chat completions (no torch).
+"""Wire models of the engine's OpenAI chat completions (no torch).
 
 Requests ignore unknown fields and accept ``null`` for every optional one (OPENAI_CONTRACT §0, §10).
-Responses are built as plain dicts with OpenAI's field names and literals.
+Responses are built as plain dicts with OpenAI's field names and literals. The adapter protocol
+(load/unload, model list, health) is ``loraforge.contracts.engine``, shared with the engine client.
 """
 
 from __future__ import annotations
@@ -15,20 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
-
-
-class LoadLoRAAdapterRequest(_Request):
-    """Body of ``POST /v1/load_lora_adapter`` (vLLM)."""
-
-    lora_name: str = Field(min_length=1)
-    lora_path: str = Field(min_length=1)
-
-
-class UnloadLoRAAdapterRequest(_Request):
-    """Body of ``POST /v1/unload_lora_adapter`` (vLLM; ``lora_int_id`` is accepted and ignored)."""
-
-    lora_name: str = Field(min_length=1)
-    lora_int_id: int | None = None
 
 
 class ContentPart(BaseModel):
@@ -146,17 +133,3 @@ def chat_chunk(
     if include_usage:
         chunk["usage"] = usage_value
     return chunk
-
-
-def model_card(
-    model_id: str, *, created: int, owned_by: str, root: str | None = None, parent: str | None = None
-) -> dict[str, Any]:
-    """One ``Model`` entry of ``GET /v1/models`` (with vLLM's ``root`` and ``parent``)."""
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": owned_by,
-        "root": root,
-        "parent": parent,
-    }

@@ -15,9 +15,9 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from loraforge.adapters import registry
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
+from loraforge.engines import fleet_for
 from loraforge.jobs import checkpoints
 from loraforge.jobs.naming import checkpoint_model_name
 from loraforge.settings import Settings
@@ -65,4 +65,4 @@ def remove_job_artefacts(settings: Settings, sessions: sessionmaker[Session], jo
     shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
     (run_dir(settings, job_id) / PAUSE_FILE).unlink(missing_ok=True)
     if base and names:
-        registry.unload_names(settings, base, names)
+        fleet_for(settings).unload(base, names)

@@ -11,9 +11,9 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from loraforge.adapters import registry
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import session_scope
+from loraforge.engines import fleet_for
 from loraforge.ids import now
 from loraforge.jobs import checkpoints
 from loraforge.jobs.state import JobStatus, add_event
@@ -142,6 +142,4 @@ class RunProgress:
         names = [row.fine_tuned_model_checkpoint for row in gone]
         if names:
             # Off the message loop: an unreachable engine must not delay the lease's heartbeat.
-            threading.Thread(
-                target=registry.unload_names, args=(self.settings, base, names), daemon=True
-            ).start()
+            threading.Thread(target=fleet_for(self.settings).unload, args=(base, names), daemon=True).start()

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.adapters import registry
 from loraforge.db.models import FileRecord, Job, Organization
 from loraforge.db.session import session_scope
+from loraforge.engines import fleet_for
 from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
 from loraforge.jobs import file_checks, placement
@@ -376,7 +377,7 @@ def _finish(
         model = registry.register(
             session, name=name, org_id=job.org_id, job_id=job_id, adapter_dir=Path(run.done["adapter_dir"])
         )
-    registry.load_into_engines(settings, model)
+    fleet_for(settings).load(model.base_model, model.id, model.adapter_path)
     record = None
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
@@ -399,5 +400,5 @@ def _finish(
     if ok:
         artefacts.strip_training_state(settings, job_id)
     else:
-        registry.unload_from_engines(settings, model)
+        fleet_for(settings).unload(model.base_model, [model.id])
         _abandon(settings, sessions, job_id)

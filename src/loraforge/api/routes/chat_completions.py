@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from loraforge.adapters import registry
-from loraforge.api.deps import OrgDep, ServicesDep
-from loraforge.api.engine_proxy import balancer_for, forward_chat
+from loraforge.api.deps import OrgDep, Services, ServicesDep
+from loraforge.contracts.engine import LoadLoRAAdapterRequest
 from loraforge.db.models import Organization
-from loraforge.errors import ServiceUnavailableError
+from loraforge.engines import EngineStream
 
 router = APIRouter(prefix="/chat", tags=["chat"])
 
@@ -28,31 +28,23 @@ class ChatCompletionRequest(BaseModel):
     stream: bool | None = None
 
 
-def _resolve(services: Any, org: Organization, model: str) -> tuple[str, tuple[str, str] | None]:
+def _resolve(services: Services, org: Organization, model: str) -> tuple[str, LoadLoRAAdapterRequest | None]:
     entry = services.catalog.get(model)
     if entry is not None:
         return entry.id, None
     with services.sessions() as session:
         # A fine-tuned model, or one of its checkpoints (``…:ckpt-step-N``): both are adapters.
         served = registry.resolve(session, org, model)
-    return served.base_model, (served.name, served.adapter_path)
+    return served.base_model, LoadLoRAAdapterRequest(lora_name=served.name, lora_path=served.adapter_path)
 
 
 @router.post("/completions")
-async def create_chat_completion(
-    request: Request, services: ServicesDep, org: OrgDep, body: ChatCompletionRequest
-) -> Response:
+async def create_chat_completion(services: ServicesDep, org: OrgDep, body: ChatCompletionRequest) -> Response:
     """Chat with a base model or one of the caller's fine-tuned models (plain or SSE)."""
     base, adapter = await run_in_threadpool(_resolve, services, org, body.model)
-    urls = services.settings.engine_urls(base)
-    if not urls:
-        raise ServiceUnavailableError(
-            f"The model `{body.model}` is not being served by any engine right now."
+    answer = await services.engines.chat(base, body.model_dump(exclude_unset=True), adapter)
+    if isinstance(answer, EngineStream):
+        return StreamingResponse(
+            answer, media_type="text/event-stream", headers={"cache-control": "no-cache"}
         )
-    return await forward_chat(
-        urls,
-        body.model_dump(exclude_unset=True),
-        adapter,
-        balancer=balancer_for(request.app.state),
-        api_key=services.settings.engine_api_key or None,
-    )
+    return Response(answer.content, status_code=answer.status_code, media_type=answer.content_type)

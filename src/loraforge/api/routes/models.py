@@ -67,6 +67,6 @@ def delete_model(services: ServicesDep, session: SessionDep, org: OrgDep, model:
         raise InvalidRequestError(f"The base model `{model}` cannot be deleted.", param="model")
     removed = registry.delete_fine_tuned_model(session, org, model)
     session.commit()
-    registry.unload_from_engines(services.settings, removed)
+    services.engines.unload(removed.base_model, [removed.id])
     export.drop_cached_exports(services.settings, removed.job_id)
     return {"id": removed.id, "object": "model", "deleted": True}

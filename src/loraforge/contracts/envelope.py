@@ -1,0 +1,85 @@
+"""OpenAI's error envelope ``{"error": {"message", "type", "param", "code"}}``, for the API and the engine.
+
+Both processes answer errors in this shape, and both map a request that fails validation through
+:func:`validation_error`, so the same bad body gets the same ``param`` (and message) from either.
+Pure pydantic: no HTTP framework; the FastAPI handlers that use it live with each app.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pydantic import BaseModel
+
+# Where FastAPI says a value came from; not part of the field's name.
+_SOURCES = ("body", "query", "path", "header", "form")
+# Pydantic adds the union member it tried to the location (``int``, ``literal['auto']``, ...).
+_MEMBER_PREFIXES = ("literal[", "constrained-", "function-")
+_MEMBER_NAMES = ("int", "float", "str", "bool", "dict", "list")
+
+
+class ErrorBody(BaseModel):
+    """The inside of the envelope; all four keys are always present (the spec requires them)."""
+
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(BaseModel):
+    """``{"error": {...}}``: what every non-2xx answer carries."""
+
+    error: ErrorBody
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """The envelope as a JSON-ready dict.
+
+    Args:
+        message: human-readable text (the SDK shows it as the exception's message).
+        type_: OpenAI's error type, e.g. ``invalid_request_error`` or ``server_error``.
+        param: the request field at fault, if any.
+        code: machine-readable code, e.g. ``model_not_found``.
+
+    Returns:
+        ``{"error": {"message", "type", "param", "code"}}``.
+    """
+    body = ErrorBody(message=message, type=type_, param=param, code=code)
+    return ErrorEnvelope(error=body).model_dump()
+
+
+def loc_to_param(loc: Sequence[str | int]) -> str | None:
+    """A pydantic error location as OpenAI's ``param``: ``hyperparameters.n_epochs``, ``messages.[0].role``.
+
+    The source (``body``, ``query``…) and union member tags are dropped; list indexes are written
+    ``[i]`` as OpenAI does.
+    """
+    parts = [f"[{p}]" if isinstance(p, int) else str(p) for p in loc if p not in _SOURCES]
+    parts = [p for p in parts if not p.startswith(_MEMBER_PREFIXES) and p not in _MEMBER_NAMES]
+    return ".".join(parts) or None
+
+
+def validation_error(errors: Sequence[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """``(message, param)`` for a request that failed validation (a ``RequestValidationError``).
+
+    The first error speaks for the request, as OpenAI reports one problem at a time.
+
+    Args:
+        errors: pydantic's error dicts (``exc.errors()``).
+
+    Returns:
+        The message and the ``param`` to put in an ``invalid_request_error`` envelope.
+    """
+    first: Mapping[str, Any] = errors[0] if errors else {"loc": (), "msg": "Invalid request"}
+    param = loc_to_param(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "Invalid request"))
+    if first.get("type") == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {param}", param
+    if first.get("type") == "json_invalid":
+        return "We could not parse the JSON body of your request.", None
+    return (f"Invalid value for '{param}': {msg}" if param else msg), param
+
+
+__all__ = ["ErrorBody", "ErrorEnvelope", "error_body", "loc_to_param", "validation_error"]
