@@ -14,7 +14,6 @@ from loraforge.orgs import create_api_key, get_or_create_org
 from loraforge.settings import Settings, TrainPool
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 
 
 class RecordingDispatcher:

@@ -12,6 +12,7 @@ from loraforge.api.deps import Dispatcher, Services
 from loraforge.api.errors import install_error_handlers
 from loraforge.api.idempotency import install_idempotency
 from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models, uploads, webhook_endpoints
+from loraforge.api.schemas.common import HealthStatus
 from loraforge.catalog import load_catalog
 from loraforge.contracts.envelope import error_body
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
@@ -82,8 +83,8 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.include_router(v1)
 
     @app.get("/health", tags=["health"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def health() -> HealthStatus:
+        return HealthStatus()
 
     # The web platform at `/` (static pages calling /v1 with the user's key).
     mount_web(app)

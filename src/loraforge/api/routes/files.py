@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
 from loraforge.api.idempotency import idempotency
-from loraforge.api.schemas.common import list_page
-from loraforge.api.schemas.files import file_public
+from loraforge.api.schemas.files import DeleteFileResponse, ListFilesResponse, OpenAIFile, file_public
 from loraforge.errors import InvalidRequestError
 from loraforge.files import service as files
 
@@ -26,7 +25,7 @@ def create_file(
     purpose: str = Form(...),
     expires_anchor: str | None = Form(None, alias="expires_after[anchor]"),
     expires_seconds: int | None = Form(None, alias="expires_after[seconds]"),
-) -> dict[str, Any]:
+) -> OpenAIFile:
     """Upload a file (multipart), streamed to storage."""
     if expires_seconds is not None and not 3600 <= expires_seconds <= 2592000:
         raise InvalidRequestError(
@@ -59,14 +58,14 @@ def list_files(
     limit: Annotated[int, Query(ge=1, le=10000)] = 10000,
     order: Literal["asc", "desc"] = "desc",
     purpose: str | None = None,
-) -> dict[str, Any]:
+) -> ListFilesResponse:
     """List the organization's files."""
     rows, has_more = files.list_files(session, org, purpose=purpose, after=after, limit=limit, order=order)
-    return list_page([file_public(r) for r in rows], has_more)
+    return ListFilesResponse.of([file_public(r) for r in rows], has_more)
 
 
 @router.get("/{file_id}")
-def retrieve_file(session: SessionDep, org: OrgDep, file_id: str) -> dict[str, Any]:
+def retrieve_file(session: SessionDep, org: OrgDep, file_id: str) -> OpenAIFile:
     """Retrieve a file object."""
     return file_public(files.get_file(session, org, file_id))
 
@@ -84,7 +83,7 @@ def file_content(services: ServicesDep, session: SessionDep, org: OrgDep, file_i
 
 
 @router.delete("/{file_id}")
-def delete_file(services: ServicesDep, session: SessionDep, org: OrgDep, file_id: str) -> dict[str, Any]:
+def delete_file(services: ServicesDep, session: SessionDep, org: OrgDep, file_id: str) -> DeleteFileResponse:
     """Delete a file and its bytes."""
     record = files.delete_file(session, services.blobs, org, file_id)
-    return {"id": record.id, "object": "file", "deleted": True}
+    return DeleteFileResponse(id=record.id, deleted=True)

@@ -2,26 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from loraforge.adapters import export, registry
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
-from loraforge.api.schemas.models import base_model_public, checkpoint_model_public, fine_tuned_model_public
+from loraforge.api.schemas.models import (
+    AnyModel,
+    DeleteModelResponse,
+    ListModelsResponse,
+    base_model_public,
+    checkpoint_model_public,
+    fine_tuned_model_public,
+)
 from loraforge.errors import InvalidRequestError
 
 router = APIRouter(prefix="/models", tags=["models"])
 
 
 @router.get("")
-def list_models(services: ServicesDep, session: SessionDep, org: OrgDep) -> dict[str, Any]:
+def list_models(services: ServicesDep, session: SessionDep, org: OrgDep) -> ListModelsResponse:
     """Base models (tagged fine-tunable), the caller's fine-tuned models and their checkpoints."""
-    data = [base_model_public(entry) for entry in services.catalog]
+    data: list[AnyModel] = [base_model_public(entry) for entry in services.catalog]
     data += [fine_tuned_model_public(m, org) for m in registry.list_fine_tuned_models(session, org)]
     data += [checkpoint_model_public(c, org) for c in registry.list_checkpoint_models(session, org)]
-    return {"object": "list", "data": data}
+    return ListModelsResponse(data=data)
 
 
 # Registered before ``/{model:path}``: that route's path converter would swallow ``/export`` too.
@@ -49,7 +56,7 @@ def export_model(
 
 
 @router.get("/{model:path}")
-def retrieve_model(services: ServicesDep, session: SessionDep, org: OrgDep, model: str) -> dict[str, Any]:
+def retrieve_model(services: ServicesDep, session: SessionDep, org: OrgDep, model: str) -> AnyModel:
     """One model; ids contain '/' so the path converter is used."""
     entry = services.catalog.get(model)
     if entry is not None:
@@ -61,7 +68,7 @@ def retrieve_model(services: ServicesDep, session: SessionDep, org: OrgDep, mode
 
 
 @router.delete("/{model:path}")
-def delete_model(services: ServicesDep, session: SessionDep, org: OrgDep, model: str) -> dict[str, Any]:
+def delete_model(services: ServicesDep, session: SessionDep, org: OrgDep, model: str) -> DeleteModelResponse:
     """Delete one of the caller's fine-tuned models and unload it from the engines."""
     if services.catalog.get(model) is not None:
         raise InvalidRequestError(f"The base model `{model}` cannot be deleted.", param="model")
@@ -69,4 +76,4 @@ def delete_model(services: ServicesDep, session: SessionDep, org: OrgDep, model:
     session.commit()
     services.engines.unload(removed.base_model, [removed.id])
     export.drop_cached_exports(services.settings, removed.job_id)
-    return {"id": removed.id, "object": "model", "deleted": True}
+    return DeleteModelResponse(id=removed.id, deleted=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, File, Request, Response, UploadFile
 from fastapi.responses import JSONResponse
@@ -12,7 +11,14 @@ from fastapi.responses import JSONResponse
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
 from loraforge.api.errors import error_body
 from loraforge.api.idempotency import idempotency
-from loraforge.api.schemas.uploads import UploadComplete, UploadCreate, part_public, upload_public
+from loraforge.api.schemas.uploads import (
+    Upload,
+    UploadComplete,
+    UploadCreate,
+    UploadPart,
+    part_public,
+    upload_public,
+)
 from loraforge.files import uploads
 
 router = APIRouter(prefix="/uploads", tags=["uploads"])
@@ -23,9 +29,7 @@ _MULTIPART_SLACK = 64 * 1024
 
 
 @router.post("", dependencies=[Depends(idempotency)])
-def create_upload(
-    services: ServicesDep, session: SessionDep, org: OrgDep, body: UploadCreate
-) -> dict[str, Any]:
+def create_upload(services: ServicesDep, session: SessionDep, org: OrgDep, body: UploadCreate) -> Upload:
     """Create a pending upload; it expires in an hour."""
     uploads.maybe_sweep(session, services.blobs)
     upload = uploads.create_upload(
@@ -43,7 +47,7 @@ def create_upload(
 @router.post("/{upload_id}/parts")
 def add_part(
     services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str, data: UploadFile = File(...)
-) -> dict[str, Any]:
+) -> UploadPart:
     """Add one part (at most 64 MB), stored as it arrives."""
     part = uploads.add_part(session, services.blobs, org, upload_id, data.file)
     return part_public(part)
@@ -52,7 +56,7 @@ def add_part(
 @router.post("/{upload_id}/complete", dependencies=[Depends(idempotency)])
 def complete_upload(
     services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str, body: UploadComplete
-) -> dict[str, Any]:
+) -> Upload:
     """Assemble the parts in ``part_ids`` order into a File (validated like any other)."""
     upload, record = uploads.complete_upload(session, services.blobs, org, upload_id, body.part_ids, body.md5)
     # Commit first: the worker must find the file, and the parts are only dropped once it exists.
@@ -64,7 +68,7 @@ def complete_upload(
 
 
 @router.post("/{upload_id}/cancel")
-def cancel_upload(services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str) -> dict[str, Any]:
+def cancel_upload(services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str) -> Upload:
     """Cancel a pending upload; its parts are deleted (the SDK sends an empty body)."""
     return upload_public(uploads.cancel_upload(session, services.blobs, org, upload_id))
 

@@ -3,19 +3,25 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
 
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
 from loraforge.api.idempotency import idempotency
-from loraforge.api.schemas.common import list_page
 from loraforge.api.schemas.webhooks import (
+    DeleteWebhookEndpointResponse,
+    ListWebhookEndpointsResponse,
+    ListWebhookEventTypesResponse,
     RotateSecretParams,
+    WebhookEndpoint,
     WebhookEndpointCreate,
+    WebhookEndpointTestResult,
     WebhookEndpointUpdate,
+    WebhookEndpointWithSecret,
     WebhookTestParams,
     webhook_endpoint_public,
+    webhook_endpoint_with_secret,
 )
 from loraforge.webhooks import JOB_EVENT_TYPES, endpoints
 
@@ -25,12 +31,12 @@ router = APIRouter(tags=["webhooks"])
 @router.post("/webhook_endpoints", dependencies=[Depends(idempotency)])
 def create_webhook_endpoint(
     session: SessionDep, org: OrgDep, params: WebhookEndpointCreate
-) -> dict[str, Any]:
+) -> WebhookEndpointWithSecret:
     """Register a URL; the response is the only one that shows the signing secret."""
     endpoint = endpoints.create_endpoint(
         session, org, name=params.name, url=params.url, event_types=params.event_types
     )
-    return webhook_endpoint_public(endpoint, with_secret=True)
+    return webhook_endpoint_with_secret(endpoint)
 
 
 @router.get("/webhook_endpoints")
@@ -39,14 +45,14 @@ def list_webhook_endpoints(
     org: OrgDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> dict[str, Any]:
+) -> ListWebhookEndpointsResponse:
     """The organization's endpoints, newest first."""
     rows, has_more = endpoints.list_endpoints(session, org, after=after, limit=limit)
-    return list_page([webhook_endpoint_public(e) for e in rows], has_more)
+    return ListWebhookEndpointsResponse.of([webhook_endpoint_public(e) for e in rows], has_more)
 
 
 @router.get("/webhook_endpoints/{webhook_endpoint_id}")
-def retrieve_webhook_endpoint(session: SessionDep, org: OrgDep, webhook_endpoint_id: str) -> dict[str, Any]:
+def retrieve_webhook_endpoint(session: SessionDep, org: OrgDep, webhook_endpoint_id: str) -> WebhookEndpoint:
     """Retrieve an endpoint (secret masked)."""
     return webhook_endpoint_public(endpoints.get_endpoint(session, org, webhook_endpoint_id))
 
@@ -54,7 +60,7 @@ def retrieve_webhook_endpoint(session: SessionDep, org: OrgDep, webhook_endpoint
 @router.post("/webhook_endpoints/{webhook_endpoint_id}")
 def update_webhook_endpoint(
     session: SessionDep, org: OrgDep, webhook_endpoint_id: str, params: WebhookEndpointUpdate
-) -> dict[str, Any]:
+) -> WebhookEndpoint:
     """Change an endpoint's name, URL or event types."""
     endpoint = endpoints.update_endpoint(
         session, org, webhook_endpoint_id, name=params.name, url=params.url, event_types=params.event_types
@@ -63,20 +69,22 @@ def update_webhook_endpoint(
 
 
 @router.delete("/webhook_endpoints/{webhook_endpoint_id}")
-def delete_webhook_endpoint(session: SessionDep, org: OrgDep, webhook_endpoint_id: str) -> dict[str, Any]:
+def delete_webhook_endpoint(
+    session: SessionDep, org: OrgDep, webhook_endpoint_id: str
+) -> DeleteWebhookEndpointResponse:
     """Delete an endpoint; events not yet delivered to it are dropped."""
     endpoint = endpoints.delete_endpoint(session, org, webhook_endpoint_id)
-    return {"id": endpoint.id, "object": "webhook_endpoint.deleted", "deleted": True}
+    return DeleteWebhookEndpointResponse(id=endpoint.id, deleted=True)
 
 
 @router.post("/webhook_endpoints/{webhook_endpoint_id}/rotate_secret")
 def rotate_webhook_secret(
     session: SessionDep, org: OrgDep, webhook_endpoint_id: str, params: RotateSecretParams | None = None
-) -> dict[str, Any]:
+) -> WebhookEndpointWithSecret:
     """Issue a new signing secret (optionally keep signing with the old one for 24 h)."""
     keep = bool(params and params.keep_old_secret_active_for_24_hours)
     endpoint = endpoints.rotate_secret(session, org, webhook_endpoint_id, keep_old_for_24_hours=keep)
-    return webhook_endpoint_public(endpoint, with_secret=True)
+    return webhook_endpoint_with_secret(endpoint)
 
 
 @router.post("/webhook_endpoints/{webhook_endpoint_id}/test")
@@ -86,7 +94,7 @@ def test_webhook_endpoint(
     org: OrgDep,
     webhook_endpoint_id: str,
     params: WebhookTestParams,
-) -> dict[str, Any]:
+) -> WebhookEndpointTestResult:
     """Send a sample signed event now and report the receiver's HTTP status."""
     result = endpoints.send_test(
         session,
@@ -95,16 +103,17 @@ def test_webhook_endpoint(
         params.event_type,
         timeout=services.settings.webhook_timeout_seconds,
     )
-    return {
-        "object": "webhook_endpoint.test",
-        "event_type": params.event_type,
-        "status_code": result.status_code,
-        "success": True,
-        "webhook_endpoint_id": webhook_endpoint_id,
-    }
+    # send_test raises when no HTTP status came back.
+    assert result.status_code is not None
+    return WebhookEndpointTestResult(
+        event_type=params.event_type,
+        status_code=result.status_code,
+        success=True,
+        webhook_endpoint_id=webhook_endpoint_id,
+    )
 
 
 @router.get("/webhook_event_types")
-def list_webhook_event_types(org: OrgDep) -> dict[str, Any]:
+def list_webhook_event_types(org: OrgDep) -> ListWebhookEventTypesResponse:
     """The event types this service sends."""
-    return {"object": "list", "data": list(JOB_EVENT_TYPES)}
+    return ListWebhookEventTypesResponse(data=list(JOB_EVENT_TYPES))

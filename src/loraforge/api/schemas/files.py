@@ -1,24 +1,52 @@
-"""``FileObject`` as OpenAI returns it."""
+"""``OpenAIFile`` and the Files API's list and deletion objects, as OpenAI returns them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
+from pydantic import MISSING
+
+from loraforge.api.schemas.common import IdentifiedObject, ListPage, ResponseObject
 from loraforge.db.models import FileRecord
 
 
-def file_public(record: FileRecord) -> dict[str, Any]:
-    # ``expires_at`` and ``status_details`` are optional and not nullable in OpenAI's schema:
-    # omitted when unset.
-    body = {
-        "id": record.id,
-        "object": "file",
-        "bytes": record.bytes,
-        "created_at": record.created_at,
-        "expires_at": record.expires_at,
-        "filename": record.filename,
-        "purpose": record.purpose,
-        "status": record.status,
-        "status_details": record.status_details,
-    }
-    return {k: v for k, v in body.items() if v is not None or k not in ("expires_at", "status_details")}
+class OpenAIFile(IdentifiedObject):
+    """A file (openai-python's ``FileObject``)."""
+
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    # Optional and not nullable in OpenAI's schema: absent when the file does not expire.
+    expires_at: int | MISSING = MISSING
+    filename: str
+    purpose: str
+    # ``uploaded`` until a fine-tune file's validation ends in ``processed`` or ``error``.
+    status: Literal["uploaded", "processed", "error"]
+    # Why validation failed; absent otherwise.
+    status_details: str | MISSING = MISSING
+
+
+class ListFilesResponse(ListPage[OpenAIFile]):
+    """``GET /v1/files``."""
+
+
+class DeleteFileResponse(ResponseObject):
+    """``DELETE /v1/files/{file_id}``."""
+
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+def file_public(record: FileRecord) -> OpenAIFile:
+    """The ``OpenAIFile`` of a stored file."""
+    return OpenAIFile(
+        id=record.id,
+        bytes=record.bytes,
+        created_at=record.created_at,
+        expires_at=MISSING if record.expires_at is None else record.expires_at,
+        filename=record.filename,
+        purpose=record.purpose,
+        status=record.status,  # type: ignore[arg-type]  # validated against the literal
+        status_details=MISSING if record.status_details is None else record.status_details,
+    )

@@ -1,47 +1,100 @@
-"""``Model`` objects: catalog base models and the org's fine-tuned models."""
+"""``Model`` objects: catalog base models, the org's fine-tuned models and their checkpoints."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Literal
 
+from loraforge.api.schemas.common import ResponseObject
 from loraforge.catalog import BaseModelEntry
-from loraforge.db.models import FineTunedModel, JobCheckpoint, Organization
+from loraforge.db import models as db
 
 
-def base_model_public(entry: BaseModelEntry) -> dict[str, Any]:
-    return {
-        "id": entry.id,
-        "object": "model",
-        "created": entry.created,
-        "owned_by": entry.owned_by,
-        # kluster lists which base models can be fine-tuned with a tag.
-        "tags": ["fine-tunable"],
-        "aliases": entry.aliases,
-        "context_length": entry.context_length,
-    }
+class Model(ResponseObject):
+    """OpenAI's ``Model``: what every entry of ``/v1/models`` carries."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
 
 
-def fine_tuned_model_public(model: FineTunedModel, org: Organization) -> dict[str, Any]:
-    return {
-        "id": model.id,
-        "object": "model",
-        "created": model.created_at,
-        "owned_by": org.name,
-        "parent": model.base_model,
-        "root": model.base_model,
-        "fine_tuning_job": model.job_id,
-    }
+class CatalogModel(Model):
+    """A base model from the catalog; all of them can be fine-tuned."""
+
+    # kluster lists which base models can be fine-tuned with a tag.
+    tags: list[str]
+    aliases: list[str]
+    context_length: int
 
 
-def checkpoint_model_public(ckpt: JobCheckpoint, org: Organization) -> dict[str, Any]:
+class FineTunedModel(Model):
+    """One of the organization's fine-tuned models (``ft:<base>:<org>:<suffix>:<id>``)."""
+
+    parent: str
+    root: str
+    fine_tuning_job: str
+
+
+class CheckpointModel(Model):
     """A checkpoint served as a model: ``{fine_tuned_model}:ckpt-step-{N}``."""
-    return {
-        "id": ckpt.fine_tuned_model_checkpoint,
-        "object": "model",
-        "created": ckpt.created_at,
-        "owned_by": org.name,
-        "parent": ckpt.fine_tuned_model_checkpoint.rsplit(":ckpt-step-", 1)[0],
-        "root": ckpt.base_model,
-        "fine_tuning_job": ckpt.job_id,
-        "step_number": ckpt.step_number,
-    }
+
+    parent: str
+    root: str
+    fine_tuning_job: str
+    step_number: int
+
+
+# The three never inherit from one another, so a union picks each instance's own class.
+AnyModel = CatalogModel | FineTunedModel | CheckpointModel
+
+
+class ListModelsResponse(ResponseObject):
+    """``GET /v1/models``: not paginated."""
+
+    object: Literal["list"] = "list"
+    data: list[AnyModel]
+
+
+class DeleteModelResponse(ResponseObject):
+    """``DELETE /v1/models/{model}``."""
+
+    id: str
+    object: Literal["model"] = "model"
+    deleted: bool
+
+
+def base_model_public(entry: BaseModelEntry) -> CatalogModel:
+    """The ``Model`` of a catalog entry."""
+    return CatalogModel(
+        id=entry.id,
+        created=entry.created,
+        owned_by=entry.owned_by,
+        tags=["fine-tunable"],
+        aliases=list(entry.aliases),
+        context_length=entry.context_length,
+    )
+
+
+def fine_tuned_model_public(model: db.FineTunedModel, org: db.Organization) -> FineTunedModel:
+    """The ``Model`` of a fine-tuned model."""
+    return FineTunedModel(
+        id=model.id,
+        created=model.created_at,
+        owned_by=org.name,
+        parent=model.base_model,
+        root=model.base_model,
+        fine_tuning_job=model.job_id,
+    )
+
+
+def checkpoint_model_public(ckpt: db.JobCheckpoint, org: db.Organization) -> CheckpointModel:
+    """The ``Model`` of a checkpoint; its ``parent`` is the job's fine-tuned model."""
+    return CheckpointModel(
+        id=ckpt.fine_tuned_model_checkpoint,
+        created=ckpt.created_at,
+        owned_by=org.name,
+        parent=ckpt.fine_tuned_model_checkpoint.rsplit(":ckpt-step-", 1)[0],
+        root=ckpt.base_model,
+        fine_tuning_job=ckpt.job_id,
+        step_number=ckpt.step_number,
+    )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from loraforge.api.schemas.files import file_public
-from loraforge.db.models import FileRecord, Upload, UploadPart
+from loraforge.api.schemas.common import ResponseObject
+from loraforge.api.schemas.files import OpenAIFile, file_public
+from loraforge.db import models as db
 
 
 class ExpiresAfter(BaseModel):
@@ -38,26 +39,44 @@ class UploadComplete(BaseModel):
     md5: str | None = None
 
 
-def upload_public(upload: Upload, file: FileRecord | None = None) -> dict[str, Any]:
+class Upload(ResponseObject):
+    """An upload: its parts arrive one by one and become a File on completion."""
+
+    id: str
+    object: Literal["upload"] = "upload"
+    bytes: int
+    created_at: int
+    expires_at: int
+    filename: str
+    purpose: str
+    status: Literal["pending", "completed", "cancelled", "expired"]
+    # The File a completed upload became; null before.
+    file: OpenAIFile | None
+
+
+class UploadPart(ResponseObject):
+    """One part of an upload."""
+
+    id: str
+    object: Literal["upload.part"] = "upload.part"
+    created_at: int
+    upload_id: str
+
+
+def upload_public(upload: db.Upload, file: db.FileRecord | None = None) -> Upload:
     """OpenAI's ``Upload``; ``file`` is the File a completed upload became."""
-    return {
-        "id": upload.id,
-        "object": "upload",
-        "bytes": upload.bytes,
-        "created_at": upload.created_at,
-        "expires_at": upload.expires_at,
-        "filename": upload.filename,
-        "purpose": upload.purpose,
-        "status": upload.status,
-        "file": file_public(file) if file is not None else None,
-    }
+    return Upload(
+        id=upload.id,
+        bytes=upload.bytes,
+        created_at=upload.created_at,
+        expires_at=upload.expires_at,
+        filename=upload.filename,
+        purpose=upload.purpose,
+        status=upload.status,  # type: ignore[arg-type]  # validated against the literal
+        file=file_public(file) if file is not None else None,
+    )
 
 
-def part_public(part: UploadPart) -> dict[str, Any]:
+def part_public(part: db.UploadPart) -> UploadPart:
     """OpenAI's ``UploadPart``."""
-    return {
-        "id": part.id,
-        "object": "upload.part",
-        "created_at": part.created_at,
-        "upload_id": part.upload_id,
-    }
+    return UploadPart(id=part.id, created_at=part.created_at, upload_id=part.upload_id)

@@ -1,12 +1,14 @@
-"""Webhook endpoint objects and request bodies as OpenAI's ``/v1/webhook_endpoints`` has them."""
+"""Webhook endpoint objects, their list/deletion/test answers, and the request bodies, as OpenAI's
+``/v1/webhook_endpoints`` has them."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-from loraforge.db.models import WebhookEndpoint
+from loraforge.api.schemas.common import IdentifiedObject, ListPage, ResponseObject
+from loraforge.db import models as db
 from loraforge.webhooks.signing import secret_hint
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -41,11 +43,70 @@ class WebhookTestParams(BaseModel):
     event_type: str
 
 
-def webhook_endpoint_public(endpoint: WebhookEndpoint, *, with_secret: bool = False) -> dict[str, Any]:
-    """``WebhookEndpoint``; ``WebhookEndpointWithSecret`` (only on create and rotate) if ``with_secret``."""
-    body: dict[str, Any] = {
+class WebhookEndpoint(IdentifiedObject):
+    """A registered endpoint; the signing secret shows only as a hint."""
+
+    object: Literal["webhook_endpoint"] = "webhook_endpoint"
+    created_at: int
+    event_types: list[str]
+    name: str
+    url: str
+    signing_secret_hint: str
+    updated_at: int
+
+
+class WebhookEndpointWithSecret(WebhookEndpoint):
+    """The answer to create and rotate_secret, the only ones that show the signing secret."""
+
+    signing_secret: str
+
+
+class ListWebhookEndpointsResponse(ListPage[WebhookEndpoint]):
+    """``GET /v1/webhook_endpoints``."""
+
+
+class DeleteWebhookEndpointResponse(ResponseObject):
+    """``DELETE /v1/webhook_endpoints/{webhook_endpoint_id}``."""
+
+    id: str
+    object: Literal["webhook_endpoint.deleted"] = "webhook_endpoint.deleted"
+    deleted: bool
+
+
+class WebhookEndpointTestResult(ResponseObject):
+    """``POST /v1/webhook_endpoints/{webhook_endpoint_id}/test``: the receiver's HTTP status.
+
+    ``success`` is true whenever the receiver answered (``status_code`` says how); an
+    unreachable receiver is a 400 instead.
+    """
+
+    object: Literal["webhook_endpoint.test"] = "webhook_endpoint.test"
+    event_type: str
+    status_code: int
+    success: bool
+    webhook_endpoint_id: str
+
+
+class ListWebhookEventTypesResponse(ResponseObject):
+    """``GET /v1/webhook_event_types``."""
+
+    object: Literal["list"] = "list"
+    data: list[str]
+
+
+def webhook_endpoint_public(endpoint: db.WebhookEndpoint) -> WebhookEndpoint:
+    """``WebhookEndpoint``, secret masked."""
+    return WebhookEndpoint(**_endpoint_fields(endpoint))
+
+
+def webhook_endpoint_with_secret(endpoint: db.WebhookEndpoint) -> WebhookEndpointWithSecret:
+    """``WebhookEndpointWithSecret``: only on create and rotate_secret."""
+    return WebhookEndpointWithSecret(**_endpoint_fields(endpoint), signing_secret=endpoint.signing_secret)
+
+
+def _endpoint_fields(endpoint: db.WebhookEndpoint) -> dict[str, Any]:
+    return {
         "id": endpoint.id,
-        "object": "webhook_endpoint",
         "created_at": endpoint.created_at,
         "event_types": list(endpoint.event_types),
         "name": endpoint.name,
@@ -53,6 +114,3 @@ def webhook_endpoint_public(endpoint: WebhookEndpoint, *, with_secret: bool = Fa
         "signing_secret_hint": secret_hint(endpoint.signing_secret),
         "updated_at": endpoint.updated_at,
     }
-    if with_secret:
-        body["signing_secret"] = endpoint.signing_secret
-    return body
