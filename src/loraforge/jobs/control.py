@@ -88,8 +88,9 @@ def resume_job(
         dispatcher: where the train task goes.
 
     Returns:
-        The job, ``queued`` (or ``failed`` when it fits no pool and never had a plan: see
-        ``jobs/placement.py``; then nothing is sent).
+        The job, ``queued``. Nothing is sent when its pool is gone and no configured pool fits it
+        now (it stays queued, with a warning event) or, without any plan, it was failed instead
+        (``jobs/placement.py``).
 
     Raises:
         NotFoundError: no such job for this org.
