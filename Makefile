@@ -12,13 +12,21 @@ style:
 	$(VENV)/bin/ruff format src tests bench && $(VENV)/bin/ruff check --fix src tests bench
 
 quality:
-	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy && $(VENV)/bin/lint-imports
 
+lint-imports:
+	$(VENV)/bin/lint-imports
+
+# Everything CI runs (the README's test command): unit, slow and integration tests.
 test:
+	$(PY) -m pytest -m "not gpu"
+
+# Plain `pytest`: the quick unit tests (no slow, integration or gpu ones).
+test-unit:
 	$(PY) -m pytest
 
-test-unit:
-	$(PY) -m pytest tests/unit
+test-slow:
+	$(PY) -m pytest -m slow
 
 test-integration:
 	$(PY) -m pytest -m integration
@@ -26,4 +34,4 @@ test-integration:
 test-gpu:
 	$(PY) -m pytest -m gpu
 
-.PHONY: install serve style quality test test-unit test-integration test-gpu
+.PHONY: install serve style quality lint-imports test test-unit test-slow test-integration test-gpu

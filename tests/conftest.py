@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,23 @@ from loraforge.orgs import create_api_key, get_or_create_org
 from loraforge.settings import Settings, TrainPool
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+# What plain `pytest` leaves out; a path or a -m expression on the command line brings them back
+# (`-m slow`, `-m integration`, `-m gpu`; `-m "not gpu"` is everything CI runs).
+NOT_BY_DEFAULT = ("slow", "integration", "gpu")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Make plain `pytest` the quick unit run, while `pytest tests/x/test_y.py` runs what it names."""
+    if config.option.markexpr or config.args_source != pytest.Config.ArgsSource.TESTPATHS:
+        return
+    keep, drop = [], []
+    for item in items:
+        (drop if any(item.get_closest_marker(m) for m in NOT_BY_DEFAULT) else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 class RecordingDispatcher:
@@ -42,9 +60,25 @@ TEST_POOLS = [
 ]
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite database migrated to the newest schema once per run.
+
+    Migrating a fresh database costs about 0.1 s and most unit tests start from one: each gets
+    its own copy of this file instead (the app's own ``migrate`` then finds nothing to do).
+    """
+    template = Settings(home=tmp_path_factory.mktemp("migrated") / "home", database_url="")
+    migrate(template)
+    return template.home / "loraforge.sqlite"
+
+
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return Settings(home=tmp_path / "home", max_upload_bytes=64 * 1024, train_pools=TEST_POOLS)
+def settings(tmp_path: Path, migrated_sqlite: Path) -> Settings:
+    settings = Settings(home=tmp_path / "home", max_upload_bytes=64 * 1024, train_pools=TEST_POOLS)
+    if not settings.database_url:  # the embedded default: start from a copy of the migrated file
+        settings.home.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(migrated_sqlite, settings.home / "loraforge.sqlite")
+    return settings
 
 
 @pytest.fixture

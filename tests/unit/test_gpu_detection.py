@@ -102,6 +102,7 @@ def test_no_nvidia_smi_means_no_gpu(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert gpus.detect_gpus() == ()
 
 
+@pytest.mark.slow  # the default pauses between start-up attempts
 def test_at_start_a_failing_nvidia_smi_is_retried_then_raised_not_taken_as_no_gpu(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def modules_after_import(*modules: str) -> set[str]:
     code = (
@@ -43,6 +45,7 @@ def test_worker_never_imports_torch() -> None:
     assert "torch" not in loaded and "transformers" not in loaded
 
 
+@pytest.mark.slow  # imports torch; lint-imports checks the same statically
 def test_trainer_imports_no_service_code() -> None:
     loaded = modules_after_import(
         "loraforge.trainer", "loraforge.trainer.recipe", "loraforge.trainer.__main__"

@@ -114,7 +114,8 @@ _70B = load_catalog().get("meta-llama/Llama-3.3-70B-Instruct")
 assert _70B is not None
 
 
-@pytest.mark.parametrize("entry", [LLAMA8B, _70B], ids=["8B", "70B"])
+# The 70B sweeps take about a second each.
+@pytest.mark.parametrize("entry", [LLAMA8B, pytest.param(_70B, marks=pytest.mark.slow)], ids=["8B", "70B"])
 @pytest.mark.parametrize("max_seq_length", [512, 1024, 2048, 4096, 8192])
 def test_recompute_policy_is_minimal_and_monotone(entry: BaseModelEntry, max_seq_length: int) -> None:
     """planner/plan.py rules 1-3, swept over memory: (b) no recompute when max_seq_length fits

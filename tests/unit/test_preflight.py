@@ -247,6 +247,7 @@ def _big_file(n_lines: int) -> Iterator[bytes]:
         ).encode()
 
 
+@pytest.mark.slow  # a large generated file
 def test_memory_stays_flat_whatever_the_file_size(entry, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
     validate_for_model(_big_file(300), entry, models_dir)  # warm the caches
     peaks = []
@@ -287,6 +288,7 @@ def test_tiny_tokenizer_without_torch_is_the_full_builds(
     assert raw.to_str() == built.to_str()
 
 
+@pytest.mark.slow  # worker processes over a large file
 def test_parallel_check_of_a_large_file_equals_one_process(  # type: ignore[no-untyped-def]
     entry, models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -54,6 +54,7 @@ def _dry_run(client: OpenAI, file_id: str, method: str, **extra: Any) -> dict[st
         return reply.to_dict()
 
 
+@pytest.mark.slow  # the whole defect corpus through the API
 def test_corpus_through_the_sdk(  # type: ignore[no-untyped-def]
     api: TestClient,
     make_key,

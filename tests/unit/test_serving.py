@@ -263,6 +263,7 @@ def test_load_errors(http, tiny, tmp_path):
     assert response.status_code == 400 and response.json()["error"]["code"] == "adapter_conflict"
 
 
+@pytest.mark.slow  # generates on several adapters
 def test_engine_lru_eviction_and_typed_errors(tiny):
     engine = _engine(tiny, max_loaded_adapters=2)
     with pytest.raises(AdapterNotLoaded):
@@ -287,6 +288,7 @@ def test_engine_lru_eviction_and_typed_errors(tiny):
         Engine(engine._model, engine._tokenizer, mismatch).load_adapter("e", tiny[2])
 
 
+@pytest.mark.slow  # generates on several adapters
 def test_concurrent_generation_with_hot_loading(engine, loaded, tiny):
     results: dict[str, list] = {"adapter": [], "base": []}
     errors: list[BaseException] = []
@@ -360,6 +362,7 @@ def _serve(app) -> tuple[str, object, threading.Thread]:
     return f"http://127.0.0.1:{port}", server, thread
 
 
+@pytest.mark.slow  # a live engine server
 def test_engine_client_against_live_server(engine, tiny):
     url, server, thread = _serve(create_engine_app(engine))
     name = "ft:tiny-llama:client:ftjob-client"

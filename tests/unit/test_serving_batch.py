@@ -22,6 +22,9 @@ from loraforge.serving.errors import InvalidAdapter
 from loraforge.serving.lora import peft_adapter_name
 from tests.unit.lora_helpers import ANSWER, ANSWER_B, BASE, PROMPT, train_adapter
 
+# The module trains two adapters, then every test generates with the engine on them.
+pytestmark = pytest.mark.slow
+
 # A public name with '.' (every Llama-3.1 fine-tune has one): PEFT itself refuses such keys.
 DOTTED = "ft:klusterai/Meta-Llama-3.1-8B-Instruct-Turbo:acme:x.y:abcd1234"
 OTHER_PROMPTS = [

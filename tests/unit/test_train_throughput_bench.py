@@ -16,6 +16,7 @@ BENCH = ROOT / "bench" / "train_throughput.py"
 SHARED_BASELINE = ROOT.parent / "shared" / "bench" / "naive_lora_baseline.py"
 
 
+@pytest.mark.slow  # runs the benchmark script
 def test_cpu_smoke_prints_the_baseline_metrics() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LORAFORGE_KERNELS": "auto"}
     proc = subprocess.run(

@@ -203,6 +203,7 @@ def test_weight_zero_turn_gets_no_labels(tmp_path: Path, tokenizer) -> None:
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow  # trains the tiny model to the end
 def test_memorisation_end_to_end(tmp_path: Path, models_dir: Path, tokenizer) -> None:
     import torch
     from peft import PeftModel
@@ -261,6 +262,7 @@ def test_memorisation_end_to_end(tmp_path: Path, models_dir: Path, tokenizer) ->
     assert generate(tuned) == ANSWER
 
 
+@pytest.mark.slow  # trains the tiny model to the end
 def test_same_spec_same_losses_and_retry_replaces_adapter(tmp_path: Path, models_dir: Path) -> None:
     from loraforge.adapters.format import read_manifest
     from loraforge.trainer import train
@@ -318,6 +320,7 @@ def run_cli(spec: TrainSpec, tmp_path: Path) -> tuple[subprocess.CompletedProces
     return proc, lines
 
 
+@pytest.mark.slow  # a trainer subprocess (imports torch)
 def test_cli_prints_json_lines_and_writes_adapter(tmp_path: Path, models_dir: Path) -> None:
     spec = make_spec(tmp_path, models_dir, n_examples=10, hyperparameters={"n_epochs": 1, "batch_size": 5})
     proc, lines = run_cli(spec, tmp_path)
@@ -342,6 +345,7 @@ def test_cli_too_few_examples_exits_2(tmp_path: Path, models_dir: Path) -> None:
     assert not (tmp_path / "adapter").exists()
 
 
+@pytest.mark.slow  # a trainer subprocess (imports torch)
 def test_cli_other_failure_exits_1(tmp_path: Path, models_dir: Path) -> None:
     spec = make_spec(tmp_path, models_dir, n_examples=10, base_model="no/such-model")
     proc, lines = run_cli(spec, tmp_path)

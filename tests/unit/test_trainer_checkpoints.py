@@ -17,6 +17,9 @@ from loraforge.catalog import load_catalog
 from loraforge.trainer import TrainSpec
 from tests.unit.test_trainer import SRC, TINY, make_spec
 
+# Every test here is a real training run on the tiny model, several of them in subprocesses.
+pytestmark = pytest.mark.slow
+
 AUTO = {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": "auto"}
 
 

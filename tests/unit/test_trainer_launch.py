@@ -73,6 +73,7 @@ def test_single_gpu_config_is_one_process_without_mixed_precision() -> None:
     assert raw["mixed_precision"] == "no"
 
 
+@pytest.mark.slow  # two trainer processes under accelerate launch
 def test_two_processes_train_like_one(tmp_path: Path) -> None:
     """The accelerate-aware loop under a launcher (torchrun, gloo, CPU DDP): each rank trains on its
     share of every step, the loss is normalised by the global labelled-token count, only rank 0

@@ -227,6 +227,7 @@ def test_terminal_transition_writes_the_outbox_in_its_transaction(  # type: igno
     }
 
 
+@pytest.mark.slow  # waits out real back-off delays
 def test_retries_back_off_with_a_stable_webhook_id(  # type: ignore[no-untyped-def]
     api: TestClient, make_key, sessions: sessionmaker[Session], receiver: Receiver
 ) -> None:

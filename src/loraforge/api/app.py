@@ -8,12 +8,13 @@ from contextlib import asynccontextmanager
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from loraforge.api.deps import Dispatcher, Services
+from loraforge.api.deps import Services
 from loraforge.api.errors import install_error_handlers
 from loraforge.api.idempotency import install_idempotency
 from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models, uploads, webhook_endpoints
 from loraforge.api.schemas.common import HealthStatus
 from loraforge.catalog import load_catalog
+from loraforge.contracts.dispatch import Dispatcher
 from loraforge.contracts.envelope import error_body
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
 from loraforge.engines import EngineFleet

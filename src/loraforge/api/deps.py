@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated, Protocol
+from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.catalog import Catalog
+from loraforge.contracts.dispatch import Dispatcher
 from loraforge.db.models import Organization
 from loraforge.db.session import session_scope
 from loraforge.engines import EngineFleet
@@ -17,16 +18,6 @@ from loraforge.errors import AuthenticationError
 from loraforge.orgs import authenticate
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
-
-
-class Dispatcher(Protocol):
-    """Hands work to the workers (Celery in production)."""
-
-    def validate_job(self, job_id: str) -> None: ...
-
-    def train_job(self, job_id: str, pool: str) -> None: ...
-
-    def validate_file(self, file_id: str) -> None: ...
 
 
 @dataclass

@@ -8,6 +8,7 @@ from typing import BinaryIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from loraforge.contracts.dispatch import Dispatcher
 from loraforge.db.models import FileRecord, Organization
 from loraforge.db.pagination import paginate
 from loraforge.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
@@ -89,6 +90,7 @@ def check_purpose_and_name(purpose: str, filename: str, *, param: str) -> None:
 def create_file(
     session: Session,
     blobs: BlobStore,
+    dispatcher: Dispatcher,
     org: Organization,
     *,
     stream: BinaryIO,
@@ -96,6 +98,53 @@ def create_file(
     purpose: str,
     max_bytes: int,
     expires_after_seconds: int | None = None,
+) -> FileRecord:
+    """Store an upload and its record; a fine-tune file is committed and its check queued.
+
+    Args:
+        session: the request's session; committed here when a check is queued.
+        blobs: where the bytes go.
+        dispatcher: where the ``validate_file`` task goes.
+        org: the owner.
+        stream: the upload's bytes, read once.
+        filename: as uploaded.
+        purpose: OpenAI's file purpose.
+        max_bytes: the upload limit.
+        expires_after_seconds: ``expires_after[seconds]``, if given.
+
+    Returns:
+        The file (``uploaded`` until its check ends, or ``processed`` for other purposes).
+
+    Raises:
+        InvalidRequestError, PayloadTooLargeError: a refusal; nothing is left behind.
+    """
+    record = _store_file(
+        session,
+        blobs,
+        org,
+        stream=stream,
+        filename=filename,
+        purpose=purpose,
+        max_bytes=max_bytes,
+        expires_after_seconds=expires_after_seconds,
+    )
+    if record.status == "uploaded":
+        # Commit first: the worker must find the file it is asked to validate.
+        session.commit()
+        dispatcher.validate_file(record.id)
+    return record
+
+
+def _store_file(
+    session: Session,
+    blobs: BlobStore,
+    org: Organization,
+    *,
+    stream: BinaryIO,
+    filename: str,
+    purpose: str,
+    max_bytes: int,
+    expires_after_seconds: int | None,
 ) -> FileRecord:
     """Store an upload and its record. On any error nothing is left behind."""
     check_purpose_and_name(purpose, filename, param="file")

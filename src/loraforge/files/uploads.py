@@ -18,6 +18,7 @@ from typing import BinaryIO
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
+from loraforge.contracts.dispatch import Dispatcher
 from loraforge.db.models import FileRecord, Organization, Upload, UploadPart
 from loraforge.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from loraforge.files.service import check_purpose_and_name
@@ -164,19 +165,48 @@ def add_part(
 def complete_upload(
     session: Session,
     blobs: BlobStore,
+    dispatcher: Dispatcher,
     org: Organization,
     upload_id: str,
     part_ids: list[str],
     md5: str | None = None,
 ) -> tuple[Upload, FileRecord]:
-    """Concatenate ``part_ids`` (in order) into a new File and mark the upload completed.
+    """Concatenate ``part_ids`` (in order) into a new File, commit, drop the parts, queue its check.
 
-    The parts are deleted by the caller with :func:`discard_parts` once this is committed.
+    Args:
+        session: the request's session; committed here.
+        blobs: the parts and the new file's bytes.
+        dispatcher: where a fine-tune file's ``validate_file`` task goes.
+        org: the owner.
+        upload_id: the pending upload.
+        part_ids: the parts, in file order.
+        md5: the assembled file's expected MD5, if given.
+
+    Returns:
+        The completed upload and its File.
 
     Raises:
         InvalidRequestError: not pending, unknown or repeated part ids, a byte count different from
             the upload's, or an MD5 that does not match (the upload stays pending then).
     """
+    upload, record = _assemble(session, blobs, org, upload_id, part_ids, md5)
+    # Commit first: the worker must find the file, and the parts are only dropped once it exists.
+    session.commit()
+    _discard(session, blobs, upload)
+    if record.status == "uploaded":
+        dispatcher.validate_file(record.id)
+    return upload, record
+
+
+def _assemble(
+    session: Session,
+    blobs: BlobStore,
+    org: Organization,
+    upload_id: str,
+    part_ids: list[str],
+    md5: str | None,
+) -> tuple[Upload, FileRecord]:
+    """The File made of ``part_ids``, stored (not committed); the upload marked completed."""
     upload = _pending(session, blobs, org, upload_id)
     if not part_ids:
         raise InvalidRequestError("part_ids must name at least one part.", param="part_ids")
@@ -238,11 +268,6 @@ def complete_upload(
         blobs.delete(key)
         raise
     return upload, record
-
-
-def discard_parts(session: Session, blobs: BlobStore, upload: Upload) -> None:
-    """Delete a finished upload's parts (after the completion or cancellation was committed)."""
-    _discard(session, blobs, upload)
 
 
 def cancel_upload(session: Session, blobs: BlobStore, org: Organization, upload_id: str) -> Upload:

@@ -4,8 +4,9 @@
 * A ``running`` job gets ``pause_requested``: its worker asks the trainer for a checkpoint at the
   next step boundary, the trainer exits (freeing the accelerator), and the worker marks the job
   ``paused``. Until then the job still reads ``running`` (an event says a pause is pending).
-* Resume moves ``paused`` back to ``queued``; the caller sends the train task, and the run
-  continues from the pause checkpoint, ending with the same total steps.
+* Resume moves ``paused`` back to ``queued`` and sends the train task to the job's pool (planned
+  again first if that pool is gone); the run continues from the pause checkpoint, ending with the
+  same total steps.
 
 Raises domain errors; knows no HTTP.
 """
@@ -15,10 +16,13 @@ from __future__ import annotations
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from loraforge.contracts.dispatch import Dispatcher
 from loraforge.db.models import Job, Organization
 from loraforge.errors import InvalidRequestError
+from loraforge.jobs import placement
 from loraforge.jobs.service import get_job
 from loraforge.jobs.state import JobStatus, add_event, transition
+from loraforge.settings import Settings
 
 
 def _not_allowed(job: Job, action: str, allowed: str, code: str) -> InvalidRequestError:
@@ -71,13 +75,39 @@ def pause_job(session: Session, org: Organization, job_id: str) -> Job:
     return job
 
 
-def resume_job(session: Session, org: Organization, job_id: str) -> Job:
-    """Move a paused job back to ``queued``; the caller must then send its train task.
+def resume_job(
+    session: Session, settings: Settings, org: Organization, job_id: str, dispatcher: Dispatcher
+) -> Job:
+    """Move a paused job back to ``queued``, commit, and send its train task to its pool.
+
+    Args:
+        session: the request's session; committed here.
+        settings: the worker pools (a job whose pool is gone is planned again).
+        org: the caller's organization.
+        job_id: the paused job.
+        dispatcher: where the train task goes.
+
+    Returns:
+        The job, ``queued``. Nothing is sent when its pool is gone and no configured pool fits it
+        now (it stays queued, with a warning event) or, without any plan, it was failed instead
+        (``jobs/placement.py``).
 
     Raises:
         NotFoundError: no such job for this org.
         InvalidRequestError: the job is not paused (a pending pause is reported as such).
     """
+    job = _requeue(session, org, job_id)
+    pool = placement.dispatch_pool(settings, session, job)
+    # Commit before sending: the worker that picks the task up must find the job queued.
+    session.commit()
+    session.refresh(job)
+    if pool is not None:
+        dispatcher.train_job(job.id, pool)
+    return job
+
+
+def _requeue(session: Session, org: Organization, job_id: str) -> Job:
+    """``paused`` -> ``queued``, or the reason it cannot be."""
     job = get_job(session, org, job_id)
     if job.status == JobStatus.RUNNING.value and job.pause_requested:
         raise InvalidRequestError(

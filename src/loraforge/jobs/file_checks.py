@@ -14,10 +14,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.catalog import BaseModelEntry, load_catalog
+from loraforge.contracts.job_error import JobError
 from loraforge.db.models import FileRecord, Job
 from loraforge.db.session import session_scope
 from loraforge.ids import now
-from loraforge.jobs.state import JobStatus, add_event, transition
+from loraforge.jobs.state import JobStatus, add_event, fail, transition
 from loraforge.preflight import JobCheck, Throughput, check_job, default_throughput, validate_file
 from loraforge.preflight.estimate import startup_seconds
 from loraforge.settings import Settings
@@ -199,20 +200,11 @@ def validate_job_files(settings: Settings, sessions: sessionmaker[Session], job_
         hyper = dict(job.hyperparameters or {})
         throughput = measured_throughput(session, entry) if entry else None
     if entry is None or throughput is None:
-        error = {
-            "code": "model_not_found",
-            "message": f"Base model {job.model} is not in the catalog.",
-            "param": "model",
-        }
+        error = JobError(
+            code="model_not_found", message=f"Base model {job.model} is not in the catalog.", param="model"
+        )
         with session_scope(sessions) as session:
-            transition(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                f"The job failed: {error['message']}",
-                level="error",
-                error=error,
-            )
+            fail(session, job_id, error)
         return False
     check = run_check(
         settings,
@@ -227,15 +219,7 @@ def validate_job_files(settings: Settings, sessions: sessionmaker[Session], job_
     with session_scope(sessions) as session:
         _record_issues(session, job_id, check)
         if check.error is not None:
-            transition(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                f"The job failed: {check.error['message']}",
-                level="error",
-                error=check.error,
-                preflight=compact(check),
-            )
+            fail(session, job_id, JobError.model_validate(check.error), preflight=compact(check))
             return False
         if check.estimate is not None:
             add_event(

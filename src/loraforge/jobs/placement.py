@@ -27,10 +27,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.catalog import BaseModelEntry, load_catalog
+from loraforge.contracts.job_error import JobError
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.errors import InvalidRequestError
-from loraforge.jobs.state import JobStatus, add_event, add_event_once, transition
+from loraforge.jobs.state import add_event, add_event_once, fail
 from loraforge.planner import JobPlan, NoFit, plan_job, resolve_pools
 from loraforge.settings import Settings, TrainPool
 from loraforge.trainer.spec import TrainPlan
@@ -125,17 +126,6 @@ def public_plan(plan: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: plan.get(k) for k in keys}
 
 
-def _fail(session: Session, job: Job, message: str, code: str) -> None:
-    transition(
-        session,
-        job.id,
-        JobStatus.FAILED,
-        f"The job failed: {message}",
-        level="error",
-        error={"code": code, "message": message, "param": "model"},
-    )
-
-
 def stale_reason(plan: dict[str, Any] | None, pools: list[TrainPool]) -> str | None:
     """Why a stored plan cannot run on ``pools`` as they are configured now; None if it can.
 
@@ -171,13 +161,15 @@ def _replan(settings: Settings, session: Session, job: Job, why: str) -> str | N
     """Plan ``job`` again onto the configured pools and store it (module docstring: no fit)."""
     entry = load_catalog(settings.models_config).get(job.model)
     if entry is None:
-        _fail(session, job, f"Base model {job.model} is not in the catalog.", "model_not_found")
+        message = f"Base model {job.model} is not in the catalog."
+        fail(session, job.id, JobError(code="model_not_found", message=message, param="model"))
         return None
     try:
         plan = plan_for(settings, entry, job.hyperparameters or {})
     except InvalidRequestError as exc:
         if not (job.plan or {}).get("pool"):
-            _fail(session, job, f"{why}, and it no longer fits: {exc.message}", CODE)
+            message = f"{why}, and it no longer fits: {exc.message}"
+            fail(session, job.id, JobError(code=CODE, message=message, param="model"))
             return None
         log.warning("job %s stays queued: %s, and no configured pool fits it: %s", job.id, why, exc.message)
         add_event_once(

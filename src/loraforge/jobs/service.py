@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from loraforge.adapters import registry
 from loraforge.catalog import Catalog
+from loraforge.contracts.dispatch import Dispatcher
 from loraforge.db.models import FileRecord, Job, JobEvent, Organization
 from loraforge.db.pagination import paginate
 from loraforge.errors import InvalidRequestError, NotFoundError
@@ -107,11 +108,42 @@ def dry_run_job(
 
 
 def create_job(
+    session: Session,
+    catalog: Catalog,
+    settings: Settings,
+    org: Organization,
+    params: JobCreateParams,
+    dispatcher: Dispatcher,
+) -> Job:
+    """Create a job in ``validating_files``, commit it, and queue its validation task.
+
+    Args:
+        session: the request's session; committed here.
+        catalog: the base models.
+        settings: the worker pools the job is planned onto.
+        org: the caller's organization.
+        params: the request.
+        dispatcher: where the validation task goes.
+
+    Returns:
+        The stored job.
+
+    Raises:
+        InvalidRequestError, NotFoundError, ModelNotFoundError: a refusal; nothing was stored or sent.
+    """
+    job = _store_job(session, catalog, settings, org, params)
+    # Commit before sending: the worker must find the job. If sending fails the job is stored
+    # anyway and the error answered; an idempotent retry replays that answer, it never re-creates.
+    session.commit()
+    dispatcher.validate_job(job.id)
+    return job
+
+
+def _store_job(
     session: Session, catalog: Catalog, settings: Settings, org: Organization, params: JobCreateParams
 ) -> Job:
     """Validate ``params`` against the catalog, the org's files and the worker pools; store the job.
 
-    The job starts in ``validating_files``; the caller enqueues its validation task after commit.
     Every refusal is raised before anything is stored.
     """
     _check_method(params)

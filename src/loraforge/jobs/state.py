@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from loraforge.contracts.job_error import JobError
 from loraforge.db.models import Job, JobEvent
 from loraforge.ids import new_id, now
 from loraforge.webhooks import outbox
@@ -131,6 +132,44 @@ def transition(
         outbox.record_job_event(session, job_id, target.value, values["finished_at"])
     session.flush()
     return True
+
+
+def fail(
+    session: Session,
+    job_id: str,
+    error: JobError,
+    *,
+    expect: dict[str, Any] | None = None,
+    **fields: Any,
+) -> bool:
+    """Move ``job_id`` to ``failed`` with ``error``: the one way a job fails.
+
+    The job's ``error`` column, its "The job failed: …" event (level ``error``) and the webhook
+    outbox row commit together, like every :func:`transition`; ``error`` is stored with all three
+    keys whatever the cause, so a client reads every failure the same way.
+
+    Args:
+        session: the caller's transaction (the caller commits).
+        job_id: the job.
+        error: why it failed.
+        expect: further column values the row must have, e.g. ``{"worker_id": wid}`` so that only
+            the lease holder fails a running job.
+        fields: other columns to set in the same UPDATE (``preflight``, …).
+
+    Returns:
+        True if this call failed the job; False if it was in a state that cannot fail (it finished
+        or was cancelled meanwhile) or did not match ``expect``: nothing was written.
+    """
+    return transition(
+        session,
+        job_id,
+        JobStatus.FAILED,
+        f"The job failed: {error.message}",
+        level="error",
+        expect=expect,
+        error=error.model_dump(),
+        **fields,
+    )
 
 
 def restamp_queued(session: Session, job_id: str, expected: int | None, stamp: int) -> bool:

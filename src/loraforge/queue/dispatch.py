@@ -4,22 +4,25 @@ from __future__ import annotations
 
 from celery import Celery
 
+from loraforge.contracts.dispatch import TRAIN_JOB_TASK, VALIDATE_FILE_TASK, VALIDATE_JOB_TASK
 from loraforge.queue.celery_app import create_celery
 from loraforge.queue.routing import train_queue
 from loraforge.settings import Settings
 
 
 class CeleryDispatcher:
+    """The :class:`~loraforge.contracts.dispatch.Dispatcher` of a real deployment."""
+
     def __init__(self, settings: Settings) -> None:
         self._app: Celery = create_celery(settings)
 
     def validate_job(self, job_id: str) -> None:
-        self._app.send_task("loraforge.validate_job", args=[job_id])
+        self._app.send_task(VALIDATE_JOB_TASK, args=[job_id])
 
     def validate_file(self, file_id: str) -> None:
         """Queue the pre-flight validation of an uploaded fine-tune file."""
-        self._app.send_task("loraforge.validate_file", args=[file_id])
+        self._app.send_task(VALIDATE_FILE_TASK, args=[file_id])
 
     def train_job(self, job_id: str, pool: str) -> None:
-        """Queue the training task of a resumed (paused -> queued) job for its pool's workers."""
-        self._app.send_task("loraforge.train_job", args=[job_id], queue=train_queue(pool))
+        """Queue the training task of a queued job for its pool's workers."""
+        self._app.send_task(TRAIN_JOB_TASK, args=[job_id], queue=train_queue(pool))

@@ -8,6 +8,12 @@ from celery import shared_task
 from celery.signals import worker_ready
 from sqlalchemy.orm import Session, sessionmaker
 
+from loraforge.contracts.dispatch import (
+    DELIVER_WEBHOOK_TASK,
+    TRAIN_JOB_TASK,
+    VALIDATE_FILE_TASK,
+    VALIDATE_JOB_TASK,
+)
 from loraforge.db.session import make_engine, make_sessionmaker
 from loraforge.jobs import file_checks, placement
 from loraforge.queue.routing import train_queue
@@ -23,7 +29,7 @@ def _sessions() -> sessionmaker[Session]:
     return make_sessionmaker(make_engine(get_settings()))
 
 
-@shared_task(name="loraforge.validate_job", acks_late=True)
+@shared_task(name=VALIDATE_JOB_TASK, acks_late=True)
 def validate_job_task(job_id: str) -> None:
     """Check the job's files; if they pass, queue the training task."""
     if training.validate_job(get_settings(), _sessions(), job_id):
@@ -42,13 +48,13 @@ def queue_training(job_id: str, wait_token: int | None = None, countdown: float 
         train_job_task.apply_async(args=[job_id, wait_token], queue=train_queue(pool), countdown=countdown)
 
 
-@shared_task(name="loraforge.validate_file", acks_late=True)
+@shared_task(name=VALIDATE_FILE_TASK, acks_late=True)
 def validate_file_task(file_id: str) -> None:
     """Pre-flight an uploaded fine-tune file: ``uploaded`` -> ``processed`` | ``error``."""
     file_checks.validate_file_record(get_settings(), _sessions(), file_id)
 
 
-@shared_task(name="loraforge.train_job", acks_late=True)
+@shared_task(name=TRAIN_JOB_TASK, acks_late=True)
 def train_job_task(job_id: str, wait_token: int | None = None) -> None:
     """Run the trainer subprocess for a queued job and record the outcome.
 
@@ -60,7 +66,7 @@ def train_job_task(job_id: str, wait_token: int | None = None) -> None:
         queue_training(job_id, token, countdown=settings.gpu_wait_seconds)
 
 
-@shared_task(name="loraforge.deliver_webhook", acks_late=True)
+@shared_task(name=DELIVER_WEBHOOK_TASK, acks_late=True)
 def deliver_webhook_task(delivery_id: str) -> None:
     """One signed attempt of a webhook delivery; a failure schedules the next one in the database."""
     delivery.deliver(get_settings(), _sessions(), delivery_id)

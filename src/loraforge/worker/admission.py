@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from loraforge.contracts.job_error import JobError
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.ids import now
 from loraforge.jobs import placement
-from loraforge.jobs.state import JobStatus, add_event_once, restamp_queued, transition
+from loraforge.jobs.state import JobStatus, add_event_once, fail, restamp_queued
 from loraforge.planner.pools import pool_device_ids, resolve_pools
 from loraforge.settings import Settings, TrainPool
 from loraforge.worker.gpu_leases import GpuLease, try_acquire
@@ -103,15 +104,8 @@ def admit(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> A
         lease = try_acquire(settings.home, candidates, count)
     except ValueError as exc:
         with session_scope(sessions) as session:
-            message = f"This worker cannot run the job's plan: {exc}."
-            transition(
-                session,
-                job_id,
-                JobStatus.FAILED,
-                f"The job failed: {message}",
-                level="error",
-                error={"code": "training_error", "message": message, "param": None},
-            )
+            error = JobError(code="training_error", message=f"This worker cannot run the job's plan: {exc}.")
+            fail(session, job_id, error)
         return Admission()
     except Exception as exc:  # noqa: BLE001 - any lease failure is the host's: see _lease_error
         return _lease_error(sessions, job_id, exc)

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.adapters import registry
+from loraforge.contracts.job_error import JobError
 from loraforge.db.models import FileRecord, Job, Organization
 from loraforge.db.session import session_scope
 from loraforge.engines import fleet_for
@@ -28,7 +29,7 @@ from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
 from loraforge.jobs import file_checks, placement
 from loraforge.jobs.naming import fine_tuned_model_name
-from loraforge.jobs.state import JobStatus, add_event, transition
+from loraforge.jobs.state import JobStatus, add_event, fail, transition
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.trainer.kernels import requested_kernels
@@ -181,17 +182,12 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
             return _write_spec(settings, session, job, folder)
         except Exception as exc:  # noqa: BLE001 - any reason the run cannot start fails the job
             log.exception("job %s: could not prepare the run", job_id)
-            error: dict[str, str | None]
             if isinstance(exc, ModelNotFoundError):
-                error = {"code": "model_not_found", "message": exc.message, "param": "model"}
+                error = JobError(code="model_not_found", message=exc.message, param="model")
             else:
-                error = {
-                    "code": "training_error",
-                    "message": f"Could not start training: {exc}",
-                    "param": None,
-                }
+                error = JobError(code="training_error", message=f"Could not start training: {exc}")
             session.rollback()
-            _fail_under_lease(session, job_id, wid, error)
+            fail(session, job_id, error, expect={"worker_id": wid})
             return None
 
 
@@ -280,11 +276,13 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
         _finish(settings, sessions, job_id, wid, run, trainer.proc.returncode)
     except Exception as exc:  # noqa: BLE001 - a job must end somewhere, not stay "running"
         log.exception("job %s: recording the outcome failed", job_id)
-        run.done, run.error = (
-            None,
-            {"code": "training_error", "message": f"Recording the result failed: {exc}"},
+        _fail(
+            settings,
+            sessions,
+            job_id,
+            wid,
+            JobError(code="training_error", message=f"Recording the result failed: {exc}"),
         )
-        _fail(settings, sessions, job_id, wid, run, trainer.proc.returncode)
 
 
 def _abandon(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
@@ -318,35 +316,23 @@ def _pause(
         _abandon(settings, sessions, job_id)
 
 
-def _fail_under_lease(session: Session, job_id: str, wid: str, error: dict[str, str | None]) -> bool:
-    """Move the job to ``failed`` with ``error`` if this worker still holds its lease."""
-    return transition(
-        session,
-        job_id,
-        JobStatus.FAILED,
-        f"The job failed: {error['message']}",
-        level="error",
-        expect={"worker_id": wid},
-        error=error,
-    )
+def _trainer_error(run: RunProgress, returncode: int) -> JobError:
+    """Why a run that did not finish failed: the trainer's error line, else its exit code."""
+    if run.error is None:
+        return JobError(
+            code="training_error",
+            message=f"The trainer exited with code {returncode} before finishing.",
+        )
+    error = run.error  # the trainer's {"type": "error", "code", "message", "param"} line
+    return JobError(code=error["code"], message=error["message"], param=error.get("param"))
 
 
 def _fail(
-    settings: Settings,
-    sessions: sessionmaker[Session],
-    job_id: str,
-    wid: str,
-    run: RunProgress,
-    returncode: int,
+    settings: Settings, sessions: sessionmaker[Session], job_id: str, wid: str, error: JobError
 ) -> None:
-    error = run.error or {
-        "code": "training_error",
-        "message": f"The trainer exited with code {returncode} before finishing.",
-        "param": None,
-    }
-    error = {"code": error.get("code"), "message": error.get("message"), "param": error.get("param")}
+    """Fail the job if this worker still holds its lease (and drop the partial adapter)."""
     with session_scope(sessions) as session:
-        ok = _fail_under_lease(session, job_id, wid, error)
+        ok = fail(session, job_id, error, expect={"worker_id": wid})
     if ok:
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
     else:
@@ -363,7 +349,7 @@ def _finish(
 ) -> None:
     """Record how the trainer ended: register the adapter and the results file, or fail the job."""
     if run.done is None or returncode != 0:
-        _fail(settings, sessions, job_id, wid, run, returncode)
+        _fail(settings, sessions, job_id, wid, _trainer_error(run, returncode))
         return
     if _poll(sessions, job_id, wid, beat=True) == _LOST:  # renew the lease for the last stretch
         _abandon(settings, sessions, job_id)

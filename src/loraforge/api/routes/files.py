@@ -36,6 +36,7 @@ def create_file(
     record = files.create_file(
         session,
         services.blobs,
+        services.dispatcher,
         org,
         stream=file.file,
         filename=file.filename or "upload",
@@ -43,10 +44,6 @@ def create_file(
         max_bytes=services.settings.max_upload_bytes,
         expires_after_seconds=expires_seconds,
     )
-    if record.status == "uploaded":
-        # Commit first: the worker must find the file it is asked to validate.
-        session.commit()
-        services.dispatcher.validate_file(record.id)
     return file_public(record)
 
 

@@ -21,7 +21,6 @@ from loraforge.api.schemas.fine_tuning import (
 from loraforge.api.schemas.preflight import FineTuningJobDryRun, dry_run_public
 from loraforge.jobs import checkpoints, control, service
 from loraforge.jobs.params import JobCreateParams
-from loraforge.jobs.placement import dispatch_pool
 
 router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"])
 
@@ -40,9 +39,7 @@ def create_job(
         return dry_run_public(
             service.dry_run_job(session, services.catalog, services.settings, services.blobs, org, params)
         )
-    job = service.create_job(session, services.catalog, services.settings, org, params)
-    session.commit()
-    services.dispatcher.validate_job(job.id)
+    job = service.create_job(session, services.catalog, services.settings, org, params, services.dispatcher)
     return job_public(job, org)
 
 
@@ -97,13 +94,7 @@ def pause_job(session: SessionDep, org: OrgDep, job_id: str) -> FineTuningJob:
 @router.post("/{job_id}/resume")
 def resume_job(services: ServicesDep, session: SessionDep, org: OrgDep, job_id: str) -> FineTuningJob:
     """Resume a paused job: it is queued again and continues from its pause checkpoint."""
-    job = control.resume_job(session, org, job_id)
-    # Planned again if its plan is missing or names a pool that is gone; None: failed instead.
-    pool = dispatch_pool(services.settings, session, job)
-    session.commit()
-    session.refresh(job)
-    if pool is not None:
-        services.dispatcher.train_job(job.id, pool)
+    job = control.resume_job(session, services.settings, org, job_id, services.dispatcher)
     return job_public(job, org)
 
 

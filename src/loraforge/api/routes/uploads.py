@@ -58,12 +58,9 @@ def complete_upload(
     services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str, body: UploadComplete
 ) -> Upload:
     """Assemble the parts in ``part_ids`` order into a File (validated like any other)."""
-    upload, record = uploads.complete_upload(session, services.blobs, org, upload_id, body.part_ids, body.md5)
-    # Commit first: the worker must find the file, and the parts are only dropped once it exists.
-    session.commit()
-    uploads.discard_parts(session, services.blobs, upload)
-    if record.status == "uploaded":
-        services.dispatcher.validate_file(record.id)
+    upload, record = uploads.complete_upload(
+        session, services.blobs, services.dispatcher, org, upload_id, body.part_ids, body.md5
+    )
     return upload_public(upload, record)
 
 
