@@ -46,6 +46,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from loraforge.contracts.train_spec import TrainPlan  # noqa: E402
+from loraforge.contracts.trainer_launch import KERNEL_CHOICES  # noqa: E402
 from loraforge.trainer.data import TokenizedExample  # noqa: E402
 from loraforge.trainer.device_setup import (  # noqa: E402
     apply_kernels,
@@ -54,13 +56,11 @@ from loraforge.trainer.device_setup import (  # noqa: E402
     make_optimizer,
     prepare_for_training,
 )
-from loraforge.trainer.kernels import KERNEL_CHOICES  # noqa: E402
 from loraforge.trainer.loop import MAX_GRAD_NORM  # noqa: E402
 from loraforge.trainer.loss import CausalLMLoss, resolve_loss_mode  # noqa: E402
 from loraforge.trainer.packing import step_micro_batches  # noqa: E402
 from loraforge.trainer.recipe import PACK_MULTIPLE_CUDA  # noqa: E402
 from loraforge.trainer.recompute import decoder_layers  # noqa: E402
-from loraforge.trainer.spec import TrainPlan  # noqa: E402
 from loraforge.trainer.step import forward_backward  # noqa: E402
 
 PEAK = 989e12  # H100/H200 SXM dense bf16 (PERF.md §0), as the baseline uses

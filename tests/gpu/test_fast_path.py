@@ -56,7 +56,8 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _losses(tmp_path: Path, models_dir: Path, device: str, plan: dict) -> list[float]:
-    from loraforge.trainer import TrainSpec, train
+    from loraforge.contracts.train_spec import TrainSpec
+    from loraforge.trainer import train
 
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = tmp_path / "train.jsonl"
@@ -133,11 +134,11 @@ def test_flex_attention_packed_forward_isolates_documents(models_dir: Path) -> N
 
 
 def test_bf16_autocast_step_is_close_to_fp32(models_dir: Path) -> None:
+    from loraforge.contracts.train_spec import TrainPlan
     from loraforge.trainer.data import tokenize_dataset
     from loraforge.trainer.device_setup import prepare_for_training
     from loraforge.trainer.loss import CausalLMLoss
     from loraforge.trainer.packing import step_micro_batches
-    from loraforge.trainer.spec import TrainPlan
     from loraforge.trainer.step import forward_backward
 
     results = []

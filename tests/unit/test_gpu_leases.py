@@ -19,12 +19,12 @@ from openai import OpenAI
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from loraforge.contracts.train_spec import TrainPlan
+from loraforge.contracts.trainer_launch import launch_command
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import make_engine, make_sessionmaker
 from loraforge.queue import tasks
 from loraforge.settings import Settings, TrainPool
-from loraforge.trainer.launch import launch_command
-from loraforge.trainer.spec import TrainPlan
 from loraforge.worker import gpu_leases
 from loraforge.worker.gpu_leases import lock_path, try_acquire
 from loraforge.worker.training import run_training

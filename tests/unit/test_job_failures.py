@@ -4,6 +4,7 @@ together, and every cause stores ``error`` as OpenAI's ``{code, message, param}`
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -13,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.contracts.job_error import JobError
+from loraforge.contracts.trainer_events import parse_event
 from loraforge.db.models import Job, JobEvent, WebhookDelivery
 from loraforge.db.session import make_engine, make_sessionmaker, session_scope
 from loraforge.ids import now
@@ -217,7 +219,7 @@ def test_a_trainer_that_did_not_finish_fails_the_job(  # type: ignore[no-untyped
     set_job(sessions, job_id, status="running", worker_id=WID, heartbeat_at=now())
     (settings.adapters_dir / job_id).mkdir(parents=True)  # a partial adapter
     run = RunProgress(settings, sessions, job_id)
-    run.error = line
+    run.error = parse_event(json.dumps(line)) if line is not None else None  # type: ignore[assignment]
     training._finish(settings, sessions, job_id, WID, run, returncode)
     assert assert_failed(sessions, job_id, expected["code"], expected["param"]) == expected
     assert not (settings.adapters_dir / job_id).exists()

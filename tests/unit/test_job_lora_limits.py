@@ -11,14 +11,15 @@ from fastapi.testclient import TestClient
 from openai import OpenAI
 from sqlalchemy import select
 
+from loraforge.contracts.train_spec import load_spec
+from loraforge.contracts.trainer_events import HyperparametersEvent
 from loraforge.db.models import FineTunedModel, Job, Organization
 from loraforge.ids import now
 from loraforge.jobs.limits import hosted_model_limit
 from loraforge.orgs import DEFAULT_TIER
 from loraforge.trainer.recipe import warmup_schedule
-from loraforge.trainer.spec import load_spec
+from loraforge.worker.job_spec import write_spec
 from loraforge.worker.progress import RunProgress
-from loraforge.worker.training import _write_spec
 from tests.helpers import chat_examples, to_jsonl
 
 TINY = "loraforge/tiny-llama"
@@ -56,14 +57,22 @@ def test_lora_knobs_are_filled_echoed_and_reach_the_trainer_spec(api, make_key, 
     sessions = api.app.state.services.sessions  # type: ignore[attr-defined]
     with sessions() as session:
         row = session.execute(select(Job).where(Job.id == job.id)).scalar_one()
-        spec = load_spec(_write_spec(settings, session, row, tmp_path / "run"))
+        spec = load_spec(write_spec(settings, session, row, tmp_path / "run"))
     assert spec.lora_r == 8 and spec.lora_alpha == 16 and spec.lora_target_modules == ["q_proj", "v_proj"]
     assert spec.warmup_ratio == 0.1 and spec.weight_decay == 0.01 and spec.max_seq_length == 512
     assert spec.hyperparameters.n_epochs == 2 and spec.hyperparameters.batch_size == "auto"
 
     # The trainer's resolved trio is merged in: the LoRA knobs stay on the job.
     RunProgress(settings, sessions, job.id).handle(
-        {"type": "hyperparameters", "n_epochs": 2, "batch_size": 2, "learning_rate_multiplier": 1.0}
+        HyperparametersEvent(
+            n_epochs=2,
+            batch_size=2,
+            learning_rate_multiplier=1.0,
+            learning_rate=5e-3,
+            total_steps=10,
+            n_examples=10,
+            train_tokens_per_epoch=100,
+        )
     )
     after = client.fine_tuning.jobs.retrieve(job.id).hyperparameters.model_dump()
     assert after["batch_size"] == 2 and after["lora_r"] == 8 and after["weight_decay"] == 0.01

@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.api.app import create_app
+from loraforge.contracts.train_spec import TrainPlan, load_spec
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import make_engine, make_sessionmaker
 from loraforge.jobs.placement import CODE, dispatch_pool
@@ -23,8 +24,7 @@ from loraforge.queue import tasks
 from loraforge.queue.dispatch import CeleryDispatcher
 from loraforge.queue.routing import train_queue, worker_queues
 from loraforge.settings import Settings, TrainPool
-from loraforge.trainer.spec import TrainPlan, load_spec
-from loraforge.worker.training import _write_spec
+from loraforge.worker.job_spec import write_spec
 from tests.conftest import TEST_POOLS, RecordingDispatcher
 from tests.helpers import chat_examples, to_jsonl
 
@@ -109,7 +109,7 @@ def test_the_plan_is_stored_shown_and_reaches_the_trainer_spec(  # type: ignore[
     with sessions() as session:
         for job, device in ((tiny, "cpu"), (big, "cuda")):
             row = session.execute(select(Job).where(Job.id == job["id"])).scalar_one()
-            spec = load_spec(_write_spec(settings, session, row, tmp_path / job["id"]))
+            spec = load_spec(write_spec(settings, session, row, tmp_path / job["id"]))
             stored = job["plan"]
             assert spec.device == device
             assert spec.plan == TrainPlan(

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from loraforge.catalog import load_catalog
+from loraforge.contracts.train_spec import TrainPlan
 from loraforge.trainer.data import IGNORE_INDEX, TokenizedExample, tokenize_dataset
 from loraforge.trainer.packing import first_fit_decreasing, pack, padded_groups, step_micro_batches
-from loraforge.trainer.spec import TrainPlan
 
 torch = pytest.importorskip("torch")
 
@@ -207,7 +207,8 @@ def test_trainer_run_on_packed_layout_with_budget_and_chunked_loss(tmp_path: Pat
     """The whole trainer (recipe + loop) with micro-batches and the chunked loss still learns."""
     import json
 
-    from loraforge.trainer import TrainSpec, train
+    from loraforge.contracts.train_spec import TrainSpec
+    from loraforge.trainer import train
 
     _, models_dir, _, _, _ = tiny
     records = [{"messages": m} for m in varied_examples(12)]

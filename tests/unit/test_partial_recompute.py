@@ -10,10 +10,10 @@ from pydantic import ValidationError
 
 from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.catalog.catalog import ModelArch
+from loraforge.contracts.train_spec import TrainPlan
 from loraforge.planner import JobPlan, plan_job
 from loraforge.planner.memory import GIB, RunShape, estimate
 from loraforge.settings import TrainPool
-from loraforge.trainer.spec import TrainPlan
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _8B = load_catalog().get("meta-llama/Llama-3.1-8B-Instruct")

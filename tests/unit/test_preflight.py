@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 from loraforge.catalog import load_catalog
+from loraforge.contracts.hyperparams import auto_batch_size, auto_n_epochs
 from loraforge.preflight import check_job, job_error, validate_file, validate_for_model
 from loraforge.preflight.report import MAX_ISSUES, FileReport
 from loraforge.preflight.run import make_counter
-from loraforge.trainer.hyperparams import auto_batch_size, auto_n_epochs
 from tests.helpers import chat_examples, to_jsonl
 from tests.preflight_corpus import Case, cases, find_issue
 

@@ -12,16 +12,14 @@ import pytest
 from pydantic import ValidationError
 
 from loraforge.catalog import load_catalog
-from loraforge.trainer import (
-    Hyperparameters,
-    TrainingDataError,
-    TrainSpec,
-    load_spec,
-    read_chat_jsonl,
+from loraforge.contracts.hyperparams import (
+    auto_batch_size,
+    auto_n_epochs,
     resolve_hyperparameters,
     steps_per_epoch,
 )
-from loraforge.trainer.hyperparams import auto_batch_size, auto_n_epochs
+from loraforge.contracts.train_spec import Hyperparameters, TrainSpec, load_spec
+from loraforge.trainer import TrainingDataError, read_chat_jsonl
 
 TINY = "loraforge/tiny-llama"
 SYSTEM = "You are a ticket classifier. Reply with JSON only."
@@ -359,8 +357,9 @@ def test_pure_trainer_modules_do_not_import_torch() -> None:
     # (tests/unit/test_import_boundaries.py checks that the recipe imports no service code.)
     code = (
         "import sys\n"
-        "import loraforge.trainer, loraforge.trainer.spec, loraforge.trainer.data\n"
-        "import loraforge.trainer.hyperparams\n"
+        "import loraforge.trainer, loraforge.contracts.train_spec, loraforge.trainer.data\n"
+        "import loraforge.contracts.hyperparams, loraforge.contracts.trainer_events\n"
+        "import loraforge.contracts.trainer_launch\n"
         "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(SRC)}

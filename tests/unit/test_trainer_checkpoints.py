@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from loraforge.catalog import load_catalog
-from loraforge.trainer import TrainSpec
+from loraforge.contracts.train_spec import TrainSpec
 from tests.unit.test_trainer import SRC, TINY, make_spec
 
 # Every test here is a real training run on the tiny model, several of them in subprocesses.

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from loraforge.contracts.trainer_launch import KERNELS_ENV, requested_kernels
 from loraforge.trainer import device_setup, kernels, loss
-from loraforge.trainer.device_setup import KERNELS_ENV, apply_kernels, requested_kernels
+from loraforge.trainer.device_setup import apply_kernels
 from loraforge.trainer.loss import resolve_loss_mode
 
 torch = pytest.importorskip("torch")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraforge.trainer.launch import FSDP_CONFIG, SINGLE_GPU_CONFIG, launch_command
-from loraforge.trainer.spec import TrainPlan
+from loraforge.contracts.train_spec import TrainPlan
+from loraforge.contracts.trainer_launch import FSDP_CONFIG, SINGLE_GPU_CONFIG, launch_command
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,7 +87,7 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
 
     from loraforge.catalog import load_catalog
     from loraforge.catalog.loading import resolve_weights
-    from loraforge.trainer.spec import TrainSpec
+    from loraforge.contracts.train_spec import TrainSpec
 
     models = tmp_path / "models"
     resolve_weights(load_catalog().get("loraforge/tiny-llama"), models)

@@ -28,13 +28,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.contracts.job_error import JobError
+from loraforge.contracts.train_spec import TrainPlan
 from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.errors import InvalidRequestError
 from loraforge.jobs.state import add_event, add_event_once, fail
 from loraforge.planner import JobPlan, NoFit, plan_job, resolve_pools
 from loraforge.settings import Settings, TrainPool
-from loraforge.trainer.spec import TrainPlan
 
 log = logging.getLogger(__name__)
 

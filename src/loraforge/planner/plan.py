@@ -55,9 +55,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraforge.catalog.catalog import BaseModelEntry
+from loraforge.contracts.train_spec import TrainPlan
 from loraforge.planner.memory import ALLOCATOR_HEADROOM, GIB, MemoryEstimate, RunShape, Strategy, estimate
 from loraforge.settings import TrainPool
-from loraforge.trainer.spec import TrainPlan
 
 TOKEN_BUDGET_CAP = 32768
 TOKEN_BUDGET_STEP = 256

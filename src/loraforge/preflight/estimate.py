@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraforge.catalog.catalog import BaseModelEntry
+from loraforge.contracts.hyperparams import auto_batch_size, auto_n_epochs, steps_per_epoch
 from loraforge.planner.plan import nominal_strategy
-from loraforge.trainer.hyperparams import auto_batch_size, auto_n_epochs, steps_per_epoch
 
 # strategy -> (startup seconds: process, model load; tokens per second: forward + backward).
 # cpu: tiny-llama on 2 cores (FACTS_CPU §3: ~0.02-0.1 s per 4 x 87-token step, ~8 s of imports).

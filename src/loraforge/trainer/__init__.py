@@ -1,32 +1,40 @@
 """The LoRA trainer: a pure function, ``train(spec, emit)``, and its CLI.
 
-``python -m loraforge.trainer SPEC.json`` prints one JSON object per line on stdout (everything
-else goes to stderr):
-
-* ``{"type": "hyperparameters", "n_epochs", "batch_size", "learning_rate_multiplier",
-  "learning_rate", "total_steps", "n_examples", "train_tokens_per_epoch"}`` once, before training;
-* ``{"type": "resumed", "step", "epoch", "kind", "path"}`` when the run continues from a
-  checkpoint in ``checkpoint_dir`` (crash recovery, resume after pause);
-* ``{"type": "metrics", "step", "total_steps", "epoch", "train_loss",
-  "train_mean_token_accuracy"}`` every ``log_every`` steps and on the last step, with
-  ``"valid_loss"``/``"valid_mean_token_accuracy"`` added whenever validation ran (each epoch
-  end and every ``eval_every`` steps) and ``"full_valid_loss"``/``"full_valid_mean_token_accuracy"``
-  on the last step, when there is a validation file;
-* ``{"type": "checkpoint", "kind": "epoch"|"pause", "step", "epoch", "path", "metrics",
-  "removed"}`` after each epoch-end checkpoint (and the pause checkpoint); ``removed`` lists
-  the checkpoint directories pruned to keep the last ``keep_checkpoints``;
-* ``{"type": "done", "adapter_dir", "trained_tokens", "total_steps", "train_loss", "metrics",
-  "resumed_from_step"}`` last;
-* or ``{"type": "paused", "step", "total_steps", "checkpoint"}`` last, when ``pause_file``
-  appeared (a checkpoint was saved at that step);
-* or ``{"type": "error", "code", "message", "param"}`` on failure.
+``python -m loraforge.trainer SPEC.json`` reads a :class:`~loraforge.contracts.train_spec.TrainSpec`
+and prints one JSON line per :mod:`loraforge.contracts.trainer_events` event on stdout
+(``hyperparameters``, ``resumed``, ``metrics``, ``checkpoint``, then ``done``, ``paused`` or
+``error``; the shapes are the models there). Everything else goes to stderr. The worker starts it
+as :mod:`loraforge.contracts.trainer_launch` says.
 
 Exit codes: 0 done or paused, 2 invalid training data (``invalid_training_file``/
 ``invalid_n_examples``), 1 any other error (``training_error``), 143 stopped by SIGTERM (no
 adapter written, no line).
 
-Importing this package does not import torch: ``spec``, ``hyperparams`` and ``data`` are pure, and
-``train`` is loaded from ``recipe`` on first access.
+The modules, in the order a run uses them:
+
+* ``__main__``: the CLI. Reads the spec, keeps stdout for the JSON lines, dies with the worker,
+  holds the run's lock, maps failures to the ``error`` event and the exit code.
+* ``recipe``: ``train(spec, emit)``, the recipe read top to bottom: ``setup`` (``_setup_data``,
+  ``_setup_model``, ``_setup_optimizer``), the loop, ``save``, ``cleanup``.
+* ``data``: chat JSONL -> validated messages -> tokenized examples with assistant-only labels;
+  :class:`TrainingDataError` (the ``error`` event of a bad file).
+* ``device_setup`` (with ``kernels``, ``recompute``): device, dtype, attention, QLoRA, Liger
+  kernels, activation recompute of the first k layers, compile, the optimizer.
+* ``start``: where the LoRA weights start: this spec's newest checkpoint (``checkpointer``),
+  ``spec.init_adapter``, or a fresh seeded init.
+* ``training_run``: :class:`TrainingRun`, the three setup parts and the loop's state.
+* ``loop``: the optimisation loop: steps, validation, ``metrics`` and ``checkpoint`` events,
+  epoch checkpoints, pause.
+* ``packing`` -> ``step`` -> ``loss``: one step's micro-batches (padding-free packing within a
+  token budget, sharded across ranks), their forward/backward, the assistant-token loss.
+* ``distributed``: what changes under ``accelerate launch`` (FSDP): collectives, gathering the
+  adapter and optimizer state, rank 0 writes.
+* ``checkpointer``: checkpoint directories (a servable adapter plus the training state): write,
+  find, prune, RNG states.
+
+What the trainer shares with other processes lives in :mod:`loraforge.contracts` (the spec, the
+hyperparameter rules, the events, the launch command), never here. Importing this package does
+not import torch: ``train`` is loaded from ``recipe`` on first access.
 """
 
 from __future__ import annotations
@@ -34,23 +42,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from loraforge.trainer.data import TrainingDataError, read_chat_jsonl
-from loraforge.trainer.hyperparams import ResolvedHyperparameters, resolve_hyperparameters, steps_per_epoch
-from loraforge.trainer.spec import Hyperparameters, TrainSpec, load_spec
 
 if TYPE_CHECKING:
     from loraforge.trainer.recipe import train
 
-__all__ = [
-    "Hyperparameters",
-    "ResolvedHyperparameters",
-    "TrainSpec",
-    "TrainingDataError",
-    "load_spec",
-    "read_chat_jsonl",
-    "resolve_hyperparameters",
-    "steps_per_epoch",
-    "train",
-]
+__all__ = ["TrainingDataError", "read_chat_jsonl", "train"]
 
 
 def __getattr__(name: str) -> Any:

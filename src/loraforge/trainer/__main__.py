@@ -1,15 +1,18 @@
 """``python -m loraforge.trainer SPEC.json``: run :func:`loraforge.trainer.train`, JSON lines on stdout.
 
-stdout carries only the JSON lines (see the package docstring); logs, warnings and progress bars
-go to stderr. SIGTERM stops the run promptly without writing the adapter (exit 143).
+stdout carries only the JSON lines, one :mod:`loraforge.contracts.trainer_events` event each;
+logs, warnings and progress bars go to stderr. SIGTERM stops the run promptly without writing the
+adapter (exit 143).
 
-When ``LORAFORGE_TRAINER_PARENT_PID`` is set (the worker sets it), the trainer dies with that
-process: ``PR_SET_PDEATHSIG`` on Linux, and a watcher thread everywhere (a SIGKILLed worker must
-not leave a trainer holding the accelerator, nor one racing the run that resumes the job).
+When ``LORAFORGE_TRAINER_PARENT_PID`` is set (the worker sets it; see
+:mod:`loraforge.contracts.trainer_launch`), the trainer dies with that process:
+``PR_SET_PDEATHSIG`` on Linux, and a watcher thread everywhere (a SIGKILLed worker must not leave
+a trainer holding the accelerator, nor one racing the run that resumes the job).
 
-Under ``accelerate launch`` (FSDP; see :mod:`loraforge.trainer.launch`) there is one such process
-per GPU, each a child of the launcher, not of the worker: they watch the worker's pid instead of
-their parent, only rank 0 prints JSON lines and only local rank 0 takes the run lock.
+Under ``accelerate launch`` (FSDP; see :func:`~loraforge.contracts.trainer_launch.launch_command`)
+there is one such process per GPU, each a child of the launcher, not of the worker: they watch the
+worker's pid instead of their parent, only rank 0 prints JSON lines and only local rank 0 takes
+the run lock.
 """
 
 from __future__ import annotations
@@ -17,19 +20,19 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from loraforge.contracts.train_spec import TrainSpec, load_spec
+from loraforge.contracts.trainer_events import Emit, ErrorEvent, TrainerEvent
+from loraforge.contracts.trainer_launch import PARENT_PID_ENV
 from loraforge.trainer.data import TrainingDataError, read_chat_jsonl
-from loraforge.trainer.spec import TrainSpec, load_spec
 
 logger = logging.getLogger("loraforge.trainer")
 
@@ -38,7 +41,6 @@ EXIT_ERROR = 1
 EXIT_DATA_ERROR = 2
 EXIT_SIGTERM = 128 + signal.SIGTERM
 EXIT_ORPHANED = 128 + signal.SIGKILL
-PARENT_PID_ENV = "LORAFORGE_TRAINER_PARENT_PID"
 PR_SET_PDEATHSIG = 1
 PARENT_POLL_SECONDS = 1.0
 LOCK_FILE = "trainer.lock"
@@ -145,14 +147,14 @@ def _claim_stdout() -> TextIO:
     return os.fdopen(json_fd, "w", buffering=1, encoding="utf-8")
 
 
-def _emitter(out: TextIO) -> Callable[[dict[str, Any]], None]:
+def _emitter(out: TextIO) -> Emit:
     launched = _launched_rank()
     if launched is not None and launched[0] != 0:
         # One run, one stream of lines: ranks other than 0 compute the same global metrics.
         return lambda event: None
 
-    def emit(event: dict[str, Any]) -> None:
-        out.write(json.dumps(event) + "\n")
+    def emit(event: TrainerEvent) -> None:
+        out.write(event.to_line() + "\n")
         out.flush()
 
     return emit
@@ -193,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_SIGTERM
     except TrainingDataError as exc:
         logger.error("invalid training data: %s", exc.message)
-        emit(exc.to_dict())
+        emit(exc.to_event())
         return EXIT_DATA_ERROR
     except Exception as exc:
         logger.exception("training failed")
-        emit({"type": "error", "code": "training_error", "message": str(exc), "param": None})
+        emit(ErrorEvent(code="training_error", message=str(exc)))
         return EXIT_ERROR
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

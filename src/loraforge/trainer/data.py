@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraforge.contracts.trainer_events import ErrorEvent
+
 MIN_TRAINING_EXAMPLES = 10
 IGNORE_INDEX = -100
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
@@ -31,9 +33,9 @@ class TrainingDataError(ValueError):
         self.message = message
         self.param = param
 
-    def to_dict(self) -> dict[str, Any]:
-        """The CLI's error line: ``{"type": "error", "code", "message", "param"}``."""
-        return {"type": "error", "code": self.code, "message": self.message, "param": self.param}
+    def to_event(self) -> ErrorEvent:
+        """The ``error`` event the CLI prints for this error (its last line, exit code 2)."""
+        return ErrorEvent(code=self.code, message=self.message, param=self.param)
 
 
 @dataclass(frozen=True)

@@ -32,10 +32,11 @@ from typing import Any, Literal
 import torch
 
 from loraforge.catalog.catalog import BaseModelEntry
+from loraforge.contracts.train_spec import TrainPlan
+from loraforge.contracts.trainer_launch import KERNELS_ENV, requested_kernels
 from loraforge.trainer.distributed import world_size
-from loraforge.trainer.kernels import KERNELS_ENV, liger_unusable_reason, requested_kernels
+from loraforge.trainer.kernels import liger_unusable_reason
 from loraforge.trainer.recompute import apply_activation_checkpointing, decoder_layers
-from loraforge.trainer.spec import TrainPlan
 
 logger = logging.getLogger(__name__)
 

@@ -10,24 +10,20 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from loraforge.contracts.trainer_events import CheckpointEvent, Emit, MetricsEvent, StepMetrics
 from loraforge.trainer import checkpointer as ckpt
 from loraforge.trainer import distributed as dist
 from loraforge.trainer.data import TokenizedExample
 from loraforge.trainer.packing import MicroBatch, shard_for_rank, step_micro_batches
 from loraforge.trainer.step import StepStats, forward_backward
-
-if TYPE_CHECKING:
-    from loraforge.trainer.recipe import TrainingRun
+from loraforge.trainer.training_run import TrainingRun
 
 logger = logging.getLogger(__name__)
-
-Emit = Callable[[dict[str, Any]], None]
 
 MAX_GRAD_NORM = 1.0
 # Periodic and epoch-end validation use the first examples of the validation file (OpenAI's
@@ -58,19 +54,19 @@ def micro_batches(run: TrainingRun, examples: list[TokenizedExample]) -> list[Mi
         shard_for_rank(examples, dist.rank(), dist.world_size()),
         packing=plan.packing,
         token_budget=plan.token_budget,
-        pad_token_id=run.tokenizer.pad_token_id,
-        pad_to_multiple=run.pad_to_multiple,
+        pad_token_id=run.data.tokenizer.pad_token_id,
+        pad_to_multiple=run.model.pad_to_multiple,
     )
 
 
 def _run_step(run: TrainingRun, examples: list[TokenizedExample], *, train: bool) -> StepStats:
     return forward_backward(
-        run.loss_module,
+        run.optim.loss_module,
         micro_batches(run, examples),
-        device=run.accelerator.device,
-        backward=run.accelerator.backward if train else None,
-        compute_dtype=run.compute_dtype,
-        pad_token_id=run.tokenizer.pad_token_id,
+        device=run.model.accelerator.device,
+        backward=run.model.accelerator.backward if train else None,
+        compute_dtype=run.model.compute_dtype,
+        pad_token_id=run.data.tokenizer.pad_token_id,
     )
 
 
@@ -84,16 +80,16 @@ def evaluate(run: TrainingRun, examples: list[TokenizedExample] | None = None) -
     Returns:
         ``{"valid_loss", "valid_mean_token_accuracy"}``.
     """
-    examples = run.valid_set[:VALID_SAMPLE] if examples is None else examples
+    examples = run.data.valid_set[:VALID_SAMPLE] if examples is None else examples
     loss_total, correct_total, count_total = 0.0, 0.0, 0
-    run.model.eval()
+    run.model.peft.eval()
     with torch.no_grad():
-        for chunk in _batches(examples, list(range(len(examples))), run.hyperparameters.batch_size):
+        for chunk in _batches(examples, list(range(len(examples))), run.data.hyperparameters.batch_size):
             stats = _run_step(run, chunk, train=False)
             loss_total += stats.loss * stats.n_targets
             correct_total += stats.accuracy * stats.n_targets
             count_total += stats.n_targets
-    run.model.train()
+    run.model.peft.train()
     return {
         "valid_loss": loss_total / max(count_total, 1),
         "valid_mean_token_accuracy": correct_total / max(count_total, 1),
@@ -105,26 +101,25 @@ def _pause_requested(run: TrainingRun) -> bool:
     if dist.world_size() == 1:
         return asked
     # Every rank must stop at the same step (or the others hang in the next collective).
-    flag = torch.tensor([int(asked)], device=run.accelerator.device)
+    flag = torch.tensor([int(asked)], device=run.model.accelerator.device)
     return bool(dist.all_reduce(flag, op="max").item())
 
 
 def _checkpoint(run: TrainingRun, kind: str, generator: torch.Generator, emit: Emit) -> Path | None:
-    """Save the run's state at ``run.position``; emit a ``checkpoint`` line (None: disabled)."""
+    """Save the run's state at its position; emit a ``checkpoint`` event (None: disabled)."""
     if not run.spec.checkpoint_dir:
         return None
-    from loraforge.trainer.recipe import build_manifest
-
-    pos, step = run.position, run.position.step
-    metrics = dict(run.step_metrics)
+    state = run.state
+    pos, step = state.position, state.position.step
+    metrics = dict(state.step_metrics)
     info = {
         "step": step,
         "epoch": pos.epoch if pos.batch_index else pos.epoch - 1,
         "kind": kind,
-        "fingerprint": run.fingerprint,
+        "fingerprint": run.model.fingerprint,
         "metrics": metrics,
     }
-    state = {
+    saved = {
         "position": {
             "step": step,
             "epoch": pos.epoch,
@@ -132,117 +127,109 @@ def _checkpoint(run: TrainingRun, kind: str, generator: torch.Generator, emit: E
             "order": pos.order,
             "generator_state": generator.get_state(),
         },
-        "optimizer": dist.optimizer_state(run.loss_module, run.optimizer),
-        "scheduler": run.scheduler.state_dict(),
+        "optimizer": dist.optimizer_state(run.optim.loss_module, run.optim.optimizer),
+        "scheduler": run.optim.scheduler.state_dict(),
         "rng": ckpt.rng_state(),
-        "metrics": dict(run.metrics),
+        "metrics": dict(state.metrics),
     }
     root = Path(run.spec.checkpoint_dir)
     # Gathering FSDP shards is a collective: every rank takes part, rank 0 writes.
-    adapter_state = dist.adapter_state_dict(run.model)
-    run.last_checkpoint_step = step
+    adapter_state = dist.adapter_state_dict(run.model.peft)
+    state.last_checkpoint_step = step
     if not dist.is_main():
         dist.barrier()
         return None
     written = ckpt.save_checkpoint(
         root,
-        model=run.model,
-        manifest=build_manifest(run, metrics, steps=step),
+        model=run.model.peft,
+        manifest=run.manifest(metrics, steps=step),
         info=info,
-        state=state,
+        state=saved,
         adapter_state=adapter_state,
     )
     dist.barrier()
     removed = ckpt.prune(root, run.spec.keep_checkpoints, step)
     emit(
-        {
-            "type": "checkpoint",
-            "kind": kind,
-            "step": step,
-            "epoch": written.epoch,
-            "path": str(written.path.resolve()),
-            "metrics": {"step": step, **metrics},
-            "removed": [str(path.resolve()) for path in removed],
-        }
+        CheckpointEvent(
+            kind=kind,
+            step=step,
+            epoch=written.epoch,
+            path=str(written.path.resolve()),
+            metrics=StepMetrics.model_validate(metrics),
+            removed=[str(path.resolve()) for path in removed],
+        )
     )
     return written.path
 
 
-def _metrics_line(run: TrainingRun, epoch: int) -> dict[str, Any]:
-    return {
-        "type": "metrics",
-        "step": run.position.step,
-        "total_steps": run.total_steps,
-        "epoch": epoch,
-        **run.step_metrics,
-    }
-
-
 def _train_step(run: TrainingRun, chunk: list[TokenizedExample], params: list[Any]) -> None:
     stats = _run_step(run, chunk, train=True)
-    run.accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.step_metrics = {"train_loss": stats.loss, "train_mean_token_accuracy": stats.accuracy}
-    run.metrics.update(run.step_metrics)
+    optim, state = run.optim, run.state
+    run.model.accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
+    optim.optimizer.step()
+    optim.scheduler.step()
+    optim.optimizer.zero_grad(set_to_none=True)
+    state.step_metrics = {"train_loss": stats.loss, "train_mean_token_accuracy": stats.accuracy}
+    state.metrics.update(state.step_metrics)
 
 
 def _validate(run: TrainingRun, epoch_end: bool) -> None:
     """Add validation metrics for this step where due: sample periodically, full set at the end."""
-    if not run.valid_set:
+    if not run.data.valid_set:
         return
-    step, every = run.position.step, run.spec.eval_every
-    if epoch_end or (every and step % every == 0) or step == run.total_steps:
-        run.step_metrics.update(evaluate(run))
-    if step == run.total_steps:
-        full = evaluate(run, run.valid_set)
-        run.step_metrics.update(
+    state, total = run.state, run.data.total_steps
+    step, every = state.position.step, run.spec.eval_every
+    if epoch_end or (every and step % every == 0) or step == total:
+        state.step_metrics.update(evaluate(run))
+    if step == total:
+        full = evaluate(run, run.data.valid_set)
+        state.step_metrics.update(
             full_valid_loss=full["valid_loss"],
             full_valid_mean_token_accuracy=full["valid_mean_token_accuracy"],
         )
-    run.metrics.update(run.step_metrics)
+    state.metrics.update(state.step_metrics)
 
 
 def train_loop(run: TrainingRun, emit: Emit) -> str:
-    """Phase 2: optimise from ``run.position`` to the end, or until a pause is requested.
+    """Phase 2: optimise from ``run.state.position`` to the end, or until a pause is requested.
 
-    Emits a ``metrics`` line every ``spec.log_every`` steps, on the last step and whenever
+    Emits a ``metrics`` event every ``spec.log_every`` steps, on the last step and whenever
     validation ran (``valid_*`` merged in; ``full_valid_*`` on the last step), a ``checkpoint``
-    line after each epoch-end checkpoint, and, when pausing, the ``checkpoint`` of the pause.
+    event after each epoch-end checkpoint, and, when pausing, the ``checkpoint`` of the pause.
 
     Args:
         run: the prepared (possibly resumed) run.
-        emit: receives each dict.
+        emit: receives each event.
 
     Returns:
         ``"done"`` when every step ran, ``"paused"`` when the pause file stopped the run.
     """
-    spec, hp, pos = run.spec, run.hyperparameters, run.position
-    params = [p for p in run.model.parameters() if p.requires_grad]
+    spec, data, state = run.spec, run.data, run.state
+    hp, pos, total = data.hyperparameters, state.position, data.total_steps
+    params = [p for p in run.model.peft.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(spec.seed)
     if pos.generator_state is not None:
         generator.set_state(pos.generator_state)
-    if run.resume_rng is not None:
-        ckpt.restore_rng(run.resume_rng)
+    if state.resume_rng is not None:
+        ckpt.restore_rng(state.resume_rng)
     first_step, started = pos.step, time.monotonic()
-    run.model.train()
+    run.model.peft.train()
     while pos.epoch <= hp.n_epochs:
         if pos.order is None:
-            pos.order = torch.randperm(len(run.train_set), generator=generator).tolist()
-        batches = _batches(run.train_set, pos.order, hp.batch_size)
+            pos.order = torch.randperm(len(data.train_set), generator=generator).tolist()
+        batches = _batches(data.train_set, pos.order, hp.batch_size)
         while pos.batch_index < len(batches):
             if _pause_requested(run):
-                if pos.step > 0 and pos.step != run.last_checkpoint_step:
+                if pos.step > 0 and pos.step != state.last_checkpoint_step:
                     _checkpoint(run, ckpt.PAUSE, generator, emit)
                 return PAUSED
             _train_step(run, batches[pos.batch_index], params)
             pos.step += 1
             pos.batch_index += 1
             _validate(run, epoch_end=pos.batch_index == len(batches))
-            line = _metrics_line(run, pos.epoch)
-            if "valid_loss" in line or pos.step % spec.log_every == 0 or pos.step == run.total_steps:
-                emit(line)
+            if "valid_loss" in state.step_metrics or pos.step % spec.log_every == 0 or pos.step == total:
+                metrics = StepMetrics.model_validate(state.step_metrics)
+                emit(MetricsEvent(step=pos.step, total_steps=total, epoch=pos.epoch, metrics=metrics))
         # The epoch checkpoint's position is the start of the next epoch (its order not drawn yet).
         pos.epoch, pos.batch_index, pos.order = pos.epoch + 1, 0, None
         _checkpoint(run, ckpt.EPOCH, generator, emit)
@@ -251,6 +238,6 @@ def train_loop(run: TrainingRun, emit: Emit) -> str:
         first_step + 1,
         pos.step,
         time.monotonic() - started,
-        run.metrics,
+        state.metrics,
     )
     return DONE

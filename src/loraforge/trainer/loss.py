@@ -28,8 +28,9 @@ import torch.nn.functional as F  # noqa: N812 - the conventional alias
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from loraforge.contracts.trainer_launch import requested_kernels
 from loraforge.trainer.data import IGNORE_INDEX
-from loraforge.trainer.kernels import liger_usable, requested_kernels
+from loraforge.trainer.kernels import liger_usable
 
 LossMode = Literal["full", "chunked", "fused"]
 # Rows of hidden states per lm_head chunk: 4096 x 128,256 fp32 logits = 2.1 GB, small next to an

@@ -5,14 +5,17 @@ one process per GPU under ``accelerate launch`` for ``plan.strategy == "fsdp"``.
 mean cross-entropy over assistant tokens only (labels != -100); the same spec gives the same loss
 sequence on CPU (seeded LoRA init, seeded data order, no other randomness).
 
-``spec.plan`` decides the micro-batch layout (:mod:`.packing`), the loss (:mod:`.loss`), and
-dtype, attention, QLoRA, recompute and compile (:mod:`.device_setup`).
+Read top to bottom: :func:`setup` runs :func:`_setup_data` (read, validate and tokenize the
+files, resolve the hyperparameters), :func:`_setup_model` (device, base model, LoRA; from the
+newest checkpoint of this spec in ``spec.checkpoint_dir`` -- crash recovery, resume after pause --
+else ``spec.init_adapter`` -- continued fine-tuning -- else a fresh seeded LoRA init) and
+:func:`_setup_optimizer`, then puts back a checkpoint's optimizer and position; :func:`train`
+runs the loop (:mod:`loraforge.trainer.loop`), :func:`save` writes the adapter, :func:`cleanup`
+frees the accelerator. ``spec.plan`` decides the micro-batch layout (:mod:`.packing`), the loss
+(:mod:`.loss`), and dtype, attention, QLoRA, recompute and compile (:mod:`.device_setup`).
 
-``setup`` starts from the newest checkpoint in ``spec.checkpoint_dir`` written by the same spec
-(crash recovery, resume after pause), else from ``spec.init_adapter`` (continued fine-tuning),
-else from a fresh seeded LoRA init. The loop itself is in :mod:`loraforge.trainer.loop`.
-
-Progress is reported through ``emit(dict)``; the CLI prints each dict as one JSON line.
+Progress is reported as typed events (:mod:`loraforge.contracts.trainer_events`) through
+``emit``; the CLI prints each as one JSON line.
 """
 
 from __future__ import annotations
@@ -22,35 +25,34 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from loraforge.adapters.format import (
-    ADAPTER_CONFIG,
-    MANIFEST,
-    AdapterManifest,
-    LoraSettings,
-    write_manifest,
-)
-from loraforge.catalog.catalog import BaseModelEntry, load_catalog
+from loraforge.adapters.format import ADAPTER_CONFIG, MANIFEST, AdapterManifest, write_manifest
+from loraforge.catalog.catalog import load_catalog
 from loraforge.catalog.loading import load_tokenizer
+from loraforge.contracts.hyperparams import resolve_hyperparameters, steps_per_epoch
+from loraforge.contracts.train_spec import TrainSpec
+from loraforge.contracts.trainer_events import (
+    DoneEvent,
+    Emit,
+    HyperparametersEvent,
+    PausedEvent,
+    ResumedEvent,
+    StepMetrics,
+)
 from loraforge.trainer import checkpointer as ckpt
 from loraforge.trainer import distributed as dist
-from loraforge.trainer.data import TokenizedExample, TrainingDataError, read_chat_jsonl, tokenize_dataset
+from loraforge.trainer.data import TrainingDataError, read_chat_jsonl, tokenize_dataset
 from loraforge.trainer.device_setup import compute_dtype, load_base, make_optimizer, prepare_for_training
-from loraforge.trainer.hyperparams import ResolvedHyperparameters, resolve_hyperparameters, steps_per_epoch
 from loraforge.trainer.loop import DONE, train_loop
 from loraforge.trainer.loss import CausalLMLoss, resolve_loss_mode
-from loraforge.trainer.spec import TrainSpec
 from loraforge.trainer.start import build_model
+from loraforge.trainer.training_run import Optimization, RunData, RunModel, TrainingRun
 
 logger = logging.getLogger(__name__)
-
-Emit = Callable[[dict[str, Any]], None]
 
 # Gradient norm is clipped at 1.0 in the loop; weight decay and warmup come from the spec.
 # Packed rows on CUDA are rounded up to a multiple of flex_attention's 128-token block: fewer
@@ -72,70 +74,10 @@ def warmup_schedule(warmup_ratio: float, total_steps: int) -> Callable[[int], fl
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-@dataclass
-class TrainingRun:
-    """Everything :func:`setup` builds and the later phases use."""
-
-    spec: TrainSpec
-    entry: BaseModelEntry
-    accelerator: Accelerator
-    tokenizer: Any
-    model: Any
-    optimizer: Any
-    # Linear warmup over spec.warmup_ratio of the steps, then constant; checkpointed for resume.
-    scheduler: Any
-    train_set: list[TokenizedExample]
-    valid_set: list[TokenizedExample]
-    hyperparameters: ResolvedHyperparameters
-    lora: LoraSettings
-    total_steps: int
-    train_tokens_per_epoch: int
-    # Identifies checkpoints this run may resume (spec + resolved hyperparameters).
-    fingerprint: str
-    # The module the loop calls (the PEFT model + its loss; what accelerate prepares under FSDP).
-    loss_module: Any = None
-    # Autocast dtype (bf16 on CUDA with a bf16 or 4-bit base; None: plain fp32).
-    compute_dtype: torch.dtype | None = None
-    # Packed rows are rounded up to this many tokens with a filler document (CUDA; None on CPU).
-    pad_to_multiple: int | None = None
-    # Where the loop starts (step 0 or a checkpoint's position) and where it is.
-    position: ckpt.Position = field(default_factory=ckpt.Position)
-    # RNG states to restore right before the first step of a resumed run.
-    resume_rng: dict[str, Any] | None = None
-    resumed_from: ckpt.CheckpointInfo | None = None
-    last_checkpoint_step: int = -1
-    # The last step's metrics (validation merged in when it ran at that step) ...
-    step_metrics: dict[str, float] = field(default_factory=dict)
-    # ... and the latest value of every metric so far (for the manifest).
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was requested but CUDA is not available")
-    return device
-
-
-def _restore(run: TrainingRun, resume: ckpt.CheckpointInfo) -> None:
-    """Load optimizer, scheduler, data position, metrics and RNG states from ``resume``."""
-    state = ckpt.load_training_state(resume)
-    dist.load_optimizer_state(run.loss_module, run.optimizer, state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.position = ckpt.Position(**state["position"])
-    run.resume_rng = state["rng"]
-    run.metrics = dict(state.get("metrics") or {})
-    run.step_metrics = dict(resume.metrics)
-    run.resumed_from = resume
-    run.last_checkpoint_step = resume.step
-
-
 def setup(spec: TrainSpec) -> TrainingRun:
-    """Phase 1: read and tokenize the data, resolve hyperparameters, build model and optimizer.
+    """Phase 1: data, then model, then optimizer; positioned at a checkpoint of this spec if any.
 
-    Data is validated before the model is loaded, so a bad file fails fast. When a checkpoint of
-    this spec exists, the run is positioned to continue from it.
+    Data is validated before the model is loaded, so a bad file fails fast.
 
     Args:
         spec: the run's spec.
@@ -149,6 +91,16 @@ def setup(spec: TrainSpec) -> TrainingRun:
     """
     if spec.torch_threads > 0:
         torch.set_num_threads(spec.torch_threads)
+    data = _setup_data(spec)
+    model = _setup_model(spec, data)
+    run = TrainingRun(spec=spec, data=data, model=model, optim=_setup_optimizer(spec, data, model))
+    if model.resume is not None:
+        _restore(run, model.resume)
+    return run
+
+
+def _setup_data(spec: TrainSpec) -> RunData:
+    """Read and tokenize the files, resolve ``"auto"`` hyperparameters, count the steps."""
     catalog = load_catalog(Path(spec.models_config) if spec.models_config else None)
     entry = catalog.get(spec.base_model)
     if entry is None:
@@ -159,9 +111,7 @@ def setup(spec: TrainSpec) -> TrainingRun:
         if spec.validation_file
         else []
     )
-
-    models_dir = Path(spec.models_dir)
-    tokenizer = load_tokenizer(entry, models_dir)
+    tokenizer = load_tokenizer(entry, Path(spec.models_dir))
     max_len = min(spec.max_seq_length or entry.max_seq_length, entry.context_length)
     train_set = tokenize_dataset(tokenizer, train_examples, max_len)
     valid_set = tokenize_dataset(tokenizer, valid_examples, max_len)
@@ -173,96 +123,165 @@ def setup(spec: TrainSpec) -> TrainingRun:
         )
     hp = resolve_hyperparameters(spec.hyperparameters, len(train_set), entry)
     total_steps = hp.n_epochs * steps_per_epoch(len(train_set), hp.batch_size)
-
-    device = _resolve_device(spec.device)
-    plan = spec.plan
-    # Under `accelerate launch` (FSDP) the Accelerator reads the plugin and ranks from the env.
-    accelerator = Accelerator(cpu=device == "cpu")
-    world = dist.world_size()
-    base = load_base(entry, models_dir, accelerator.device, plan)
-    dtype = compute_dtype(accelerator.device.type, next(base.parameters()).dtype, plan.strategy)
-    fingerprint = spec.fingerprint(hp.model_dump())
-    model, lora, resume = build_model(spec, entry, base, fingerprint)
-    model = prepare_for_training(model, plan, accelerator.device.type, dtype)
-    loss_mode = resolve_loss_mode(plan.loss, accelerator.device.type, world)
-    loss_module: Any = CausalLMLoss(model, loss_mode)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, hp.learning_rate, spec.weight_decay, accelerator.device.type)
-    if world > 1:  # FSDP shards the loss module (decoder layers as units) and the optimizer
-        loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_schedule(spec.warmup_ratio, total_steps))
-    run = TrainingRun(
-        spec=spec,
-        entry=entry,
-        accelerator=accelerator,
-        tokenizer=tokenizer,
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        train_set=train_set,
-        valid_set=valid_set,
-        hyperparameters=hp,
-        lora=lora,
-        total_steps=total_steps,
-        train_tokens_per_epoch=train_tokens,
-        fingerprint=fingerprint,
-        loss_module=loss_module,
-        compute_dtype=dtype,
-        pad_to_multiple=PACK_MULTIPLE_CUDA if plan.packing and accelerator.device.type == "cuda" else None,
-    )
-    if resume is not None:
-        _restore(run, resume)
     logger.info(
-        "setup: %s on %s x%d (%s, loss %s, attention %s, autocast %s), %d examples "
-        "(%d trained tokens/epoch), %s, %d steps, %d trainable params, from %s",
+        "data: %s, %d examples (%d trained tokens/epoch), %s, %d steps",
         entry.id,
-        accelerator.device,
-        world,
-        plan.model_dump(),
-        loss_mode,
-        base.config._attn_implementation,
-        dtype,
         len(train_set),
         train_tokens,
         hp.model_dump(),
         total_steps,
-        sum(p.numel() for p in params),
+    )
+    return RunData(
+        entry=entry,
+        tokenizer=tokenizer,
+        train_set=train_set,
+        valid_set=valid_set,
+        hyperparameters=hp,
+        max_seq_length=max_len,
+        total_steps=total_steps,
+        train_tokens_per_epoch=train_tokens,
+    )
+
+
+def _resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' was requested but CUDA is not available")
+    return device
+
+
+def _setup_model(spec: TrainSpec, data: RunData) -> RunModel:
+    """Load the base on the device and put LoRA on it, from a checkpoint, an adapter or fresh."""
+    plan = spec.plan
+    # Under `accelerate launch` (FSDP) the Accelerator reads the plugin and ranks from the env.
+    accelerator = Accelerator(cpu=_resolve_device(spec.device) == "cpu")
+    device_type = accelerator.device.type
+    base = load_base(data.entry, Path(spec.models_dir), accelerator.device, plan)
+    dtype = compute_dtype(device_type, next(base.parameters()).dtype, plan.strategy)
+    fingerprint = spec.fingerprint(data.hyperparameters.model_dump())
+    model, lora, resume = build_model(spec, data.entry, base, fingerprint)
+    model = prepare_for_training(model, plan, device_type, dtype)
+    logger.info(
+        "model: %s on %s x%d (%s, attention %s, autocast %s), %d trainable params, from %s",
+        data.entry.id,
+        accelerator.device,
+        dist.world_size(),
+        plan.model_dump(),
+        base.config._attn_implementation,
+        dtype,
+        sum(p.numel() for p in model.parameters() if p.requires_grad),
         f"checkpoint step {resume.step}" if resume else (spec.init_adapter or "a fresh LoRA init"),
     )
-    return run
+    return RunModel(
+        accelerator=accelerator,
+        peft=model,
+        lora=lora,
+        fingerprint=fingerprint,
+        resume=resume,
+        compute_dtype=dtype,
+        pad_to_multiple=PACK_MULTIPLE_CUDA if plan.packing and device_type == "cuda" else None,
+    )
 
 
-def build_manifest(run: TrainingRun, metrics: dict[str, float], *, steps: int) -> AdapterManifest:
-    """The adapter manifest for the model after ``steps`` steps (a checkpoint or the final one).
+def _setup_optimizer(spec: TrainSpec, data: RunData, model: RunModel) -> Optimization:
+    """AdamW on the LoRA parameters and the warmup schedule; the loss module the loop calls."""
+    accelerator, world = model.accelerator, dist.world_size()
+    loss_mode = resolve_loss_mode(spec.plan.loss, accelerator.device.type, world)
+    logger.info("loss: %s", loss_mode)
+    loss_module: torch.nn.Module = CausalLMLoss(model.peft, loss_mode)
+    params = [p for p in model.peft.parameters() if p.requires_grad]
+    optimizer = make_optimizer(
+        params, data.hyperparameters.learning_rate, spec.weight_decay, accelerator.device.type
+    )
+    if world > 1:  # FSDP shards the loss module (decoder layers as units) and the optimizer
+        loss_module, optimizer = accelerator.prepare(loss_module, optimizer)
+    schedule = warmup_schedule(spec.warmup_ratio, data.total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    return Optimization(loss_module=loss_module, optimizer=optimizer, scheduler=scheduler)
+
+
+def _restore(run: TrainingRun, resume: ckpt.CheckpointInfo) -> None:
+    """Load optimizer, scheduler, data position, metrics and RNG states from ``resume``."""
+    saved = ckpt.load_training_state(resume)
+    dist.load_optimizer_state(run.optim.loss_module, run.optim.optimizer, saved["optimizer"])
+    run.optim.scheduler.load_state_dict(saved["scheduler"])
+    run.state.position = ckpt.Position(**saved["position"])
+    run.state.resume_rng = saved["rng"]
+    run.state.metrics = dict(saved.get("metrics") or {})
+    run.state.step_metrics = dict(resume.metrics)
+    run.state.last_checkpoint_step = resume.step
+
+
+def train(spec: TrainSpec, emit: Emit) -> AdapterManifest | None:
+    """Fine-tune a LoRA adapter on ``spec.training_file`` and write it to ``spec.output_dir``.
+
+    Emits, in order: one ``hyperparameters`` event; a ``resumed`` event when it continues from a
+    checkpoint; ``metrics`` and ``checkpoint`` events during training; then either one ``done``
+    event after the adapter is in place, or one ``paused`` event when ``spec.pause_file``
+    appeared (see :mod:`loraforge.contracts.trainer_events`).
 
     Args:
-        run: the run.
-        metrics: the metrics to record.
-        steps: optimizer steps taken so far.
+        spec: what to train.
+        emit: called with each event (the CLI prints them as JSON lines).
 
     Returns:
-        The manifest.
+        The manifest written into the adapter directory, or None when the run was paused.
+
+    Raises:
+        TrainingDataError: the training or validation file is invalid.
     """
-    per_epoch = steps_per_epoch(len(run.train_set), run.hyperparameters.batch_size)
-    return AdapterManifest(
-        job_id=run.spec.job_id,
-        base_model=run.entry.id,
-        base_weights=run.entry.weights,
-        chat_template=run.entry.chat_template_text,
-        stop_tokens=list(run.entry.stop_tokens),
-        lora=run.lora,
-        hyperparameters={
-            **run.hyperparameters.model_dump(),
-            "max_seq_length": min(
-                run.spec.max_seq_length or run.entry.max_seq_length, run.entry.context_length
-            ),
-            "warmup_ratio": run.spec.warmup_ratio,
-            "weight_decay": run.spec.weight_decay,
-        },
-        metrics=metrics,
-        trained_tokens=run.train_tokens_per_epoch * steps // per_epoch,
-        total_steps=steps,
-        spec_hash=run.spec.spec_hash(),
+    run = setup(spec)
+    data, resumed = run.data, run.model.resume
+    try:
+        hp = data.hyperparameters
+        emit(
+            HyperparametersEvent(
+                n_epochs=hp.n_epochs,
+                batch_size=hp.batch_size,
+                learning_rate_multiplier=hp.learning_rate_multiplier,
+                learning_rate=hp.learning_rate,
+                total_steps=data.total_steps,
+                n_examples=len(data.train_set),
+                train_tokens_per_epoch=data.train_tokens_per_epoch,
+            )
+        )
+        if resumed is not None:
+            emit(
+                ResumedEvent(
+                    step=resumed.step,
+                    epoch=resumed.epoch,
+                    kind=resumed.kind,
+                    path=str(resumed.path.resolve()),
+                )
+            )
+        if train_loop(run, emit) != DONE:
+            emit(_paused_event(run))
+            return None
+        metrics = dict(run.state.metrics)
+        manifest = save(run, metrics)
+    finally:
+        cleanup(run)
+    emit(
+        DoneEvent(
+            adapter_dir=str(Path(spec.output_dir).resolve()),
+            trained_tokens=manifest.trained_tokens,
+            total_steps=manifest.total_steps,
+            train_loss=metrics["train_loss"],
+            metrics=StepMetrics.model_validate(metrics),
+            resumed_from_step=resumed.step if resumed else None,
+        )
+    )
+    return manifest
+
+
+def _paused_event(run: TrainingRun) -> PausedEvent:
+    root = run.spec.checkpoint_dir
+    latest = ckpt.list_checkpoints(Path(root)) if root else []
+    return PausedEvent(
+        step=run.state.position.step,
+        total_steps=run.data.total_steps,
+        checkpoint=str(latest[-1].path.resolve()) if latest else None,
     )
 
 
@@ -291,18 +310,18 @@ def save(run: TrainingRun, metrics: dict[str, float]) -> AdapterManifest:
     """
     final = Path(run.spec.output_dir).resolve()
     # Gathering FSDP shards is a collective: every rank takes part, rank 0 writes.
-    adapter_state = dist.adapter_state_dict(run.model)
+    adapter_state = dist.adapter_state_dict(run.model.peft)
     if not dist.is_main():
         dist.barrier()
-        return build_manifest(run, metrics, steps=run.total_steps)
+        return run.manifest(metrics, steps=run.data.total_steps)
     final.parent.mkdir(parents=True, exist_ok=True)
     for leftover in final.parent.glob(f".{final.name}.partial-*"):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
-        run.model.save_pretrained(tmp, state_dict=adapter_state)
+        run.model.peft.save_pretrained(tmp, state_dict=adapter_state)
         (tmp / "README.md").unlink(missing_ok=True)
-        manifest = build_manifest(run, metrics, steps=run.total_steps)
+        manifest = run.manifest(metrics, steps=run.data.total_steps)
         write_manifest(tmp, manifest)
         # mkdtemp/mkstemp create private (0700/0600) entries; the engine may run as another user.
         tmp.chmod(0o755)
@@ -317,85 +336,11 @@ def save(run: TrainingRun, metrics: dict[str, float]) -> AdapterManifest:
 
 
 def cleanup(run: TrainingRun) -> None:
-    """Phase 4: drop references to the model and optimizer and free accelerator memory.
+    """Phase 4: release what accelerate holds (FSDP-prepared modules) and free accelerator memory.
+
+    The run's own tensors go with the last reference to ``run`` (the caller's), right after.
 
     Args:
         run: the finished (or failed) run.
     """
-    run.model = run.optimizer = run.scheduler = run.loss_module = None
-    run.accelerator.free_memory()
-
-
-def _hyperparameters_line(run: TrainingRun) -> dict[str, Any]:
-    hp = run.hyperparameters
-    return {
-        "type": "hyperparameters",
-        "n_epochs": hp.n_epochs,
-        "batch_size": hp.batch_size,
-        "learning_rate_multiplier": hp.learning_rate_multiplier,
-        "learning_rate": hp.learning_rate,
-        "total_steps": run.total_steps,
-        "n_examples": len(run.train_set),
-        "train_tokens_per_epoch": run.train_tokens_per_epoch,
-    }
-
-
-def train(spec: TrainSpec, emit: Emit) -> AdapterManifest | None:
-    """Fine-tune a LoRA adapter on ``spec.training_file`` and write it to ``spec.output_dir``.
-
-    Emits, in order: one ``hyperparameters`` dict; a ``resumed`` dict when it continues from a
-    checkpoint; ``metrics`` and ``checkpoint`` dicts during training; then either one ``done``
-    dict after the adapter is in place, or one ``paused`` dict when ``spec.pause_file`` appeared
-    (see the package docstring for the shapes).
-
-    Args:
-        spec: what to train.
-        emit: called with each progress dict (the CLI prints them as JSON lines).
-
-    Returns:
-        The manifest written into the adapter directory, or None when the run was paused.
-
-    Raises:
-        TrainingDataError: the training or validation file is invalid.
-    """
-    run = setup(spec)
-    try:
-        emit(_hyperparameters_line(run))
-        if run.resumed_from is not None:
-            info = run.resumed_from
-            emit(
-                {
-                    "type": "resumed",
-                    "step": info.step,
-                    "epoch": info.epoch,
-                    "kind": info.kind,
-                    "path": str(info.path.resolve()),
-                }
-            )
-        if train_loop(run, emit) != DONE:
-            latest = ckpt.list_checkpoints(Path(spec.checkpoint_dir)) if spec.checkpoint_dir else []
-            emit(
-                {
-                    "type": "paused",
-                    "step": run.position.step,
-                    "total_steps": run.total_steps,
-                    "checkpoint": str(latest[-1].path.resolve()) if latest else None,
-                }
-            )
-            return None
-        metrics = dict(run.metrics)
-        manifest = save(run, metrics)
-    finally:
-        cleanup(run)
-    emit(
-        {
-            "type": "done",
-            "adapter_dir": str(Path(spec.output_dir).resolve()),
-            "trained_tokens": manifest.trained_tokens,
-            "total_steps": manifest.total_steps,
-            "train_loss": metrics["train_loss"],
-            "metrics": metrics,
-            "resumed_from_step": run.resumed_from.step if run.resumed_from else None,
-        }
-    )
-    return manifest
+    run.model.accelerator.free_memory()

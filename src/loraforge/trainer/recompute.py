@@ -32,7 +32,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from loraforge.trainer.spec import TrainPlan
+from loraforge.contracts.train_spec import TrainPlan
 
 
 def decoder_layers(model: Any) -> list[Any]:

@@ -12,8 +12,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from loraforge.adapters.format import ADAPTER_CONFIG, MANIFEST, LoraSettings, read_manifest
 from loraforge.catalog.catalog import BaseModelEntry
+from loraforge.contracts.train_spec import TrainSpec
 from loraforge.trainer import checkpointer as ckpt
-from loraforge.trainer.spec import TrainSpec
 
 
 def _lora_settings(spec: TrainSpec, entry: BaseModelEntry) -> LoraSettings:

@@ -1,16 +1,25 @@
-"""One training run of a job, as the worker sees it: the trainer's JSON lines become job fields,
-events and checkpoint rows (see ``loraforge.trainer`` for the line shapes)."""
+"""One training run of a job, as the worker sees it: the trainer's events become job fields,
+job events and checkpoint rows (the events are :mod:`loraforge.contracts.trainer_events`)."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from loraforge.contracts.trainer_events import (
+    CheckpointEvent,
+    DoneEvent,
+    ErrorEvent,
+    HyperparametersEvent,
+    MetricsEvent,
+    PausedEvent,
+    ResumedEvent,
+    TrainerEvent,
+)
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import session_scope
 from loraforge.engines import fleet_for
@@ -22,18 +31,19 @@ from loraforge.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def metrics_message(msg: dict[str, Any], total: int) -> str:
+def metrics_message(event: MetricsEvent, total: int) -> str:
     """OpenAI's metrics event text, e.g. ``Step 3/100: training loss=0.1523, validation loss=0.2000``."""
-    text = f"Step {int(msg['step'])}/{total}: training loss={msg.get('train_loss', float('nan')):.4f}"
-    if "valid_loss" in msg:
-        text += f", validation loss={msg['valid_loss']:.4f}"
-    if "full_valid_loss" in msg:
-        text += f", full validation loss={msg['full_valid_loss']:.4f}"
+    metrics = event.metrics
+    text = f"Step {event.step}/{total}: training loss={metrics.train_loss:.4f}"
+    if metrics.valid_loss is not None:
+        text += f", validation loss={metrics.valid_loss:.4f}"
+    if metrics.full_valid_loss is not None:
+        text += f", full validation loss={metrics.full_valid_loss:.4f}"
     return text
 
 
 class RunProgress:
-    """Reacts to one trainer process's messages; remembers how the run ended."""
+    """Reacts to one trainer process's events; remembers how the run ended."""
 
     def __init__(self, settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
         self.settings = settings
@@ -44,31 +54,40 @@ class RunProgress:
         # The step this run started from (a checkpoint's), for the time-per-step estimate.
         self.start_step = 0
         self.seen_metrics = False
-        self.done: dict[str, Any] | None = None
-        self.paused: dict[str, Any] | None = None
-        self.error: dict[str, Any] | None = None
+        # How the run ended (its last event), if it said so.
+        self.done: DoneEvent | None = None
+        self.paused: PausedEvent | None = None
+        self.error: ErrorEvent | None = None
 
-    def handle(self, msg: dict[str, Any]) -> None:
-        """Apply one trainer message."""
-        kind = msg.get("type")
-        if kind == "hyperparameters":
-            self._on_hyperparameters(msg)
-        elif kind == "resumed":
-            self._on_resumed(msg)
-        elif kind == "metrics":
-            self._on_metrics(msg)
-        elif kind == "checkpoint":
-            self._on_checkpoint(msg)
-        elif kind == "done":
-            self.done = msg
-        elif kind == "paused":
-            self.paused = msg
-        elif kind == "error":
-            self.error = msg
+    def handle(self, event: TrainerEvent) -> None:
+        """Apply one trainer event.
 
-    def _on_hyperparameters(self, msg: dict[str, Any]) -> None:
-        self.total_steps = int(msg.get("total_steps", 0))
-        resolved = {k: msg[k] for k in ("n_epochs", "batch_size", "learning_rate_multiplier")}
+        Args:
+            event: the event, as :func:`loraforge.contracts.trainer_events.parse_event` read it.
+        """
+        match event:
+            case HyperparametersEvent():
+                self._on_hyperparameters(event)
+            case ResumedEvent():
+                self._on_resumed(event)
+            case MetricsEvent():
+                self._on_metrics(event)
+            case CheckpointEvent():
+                self._on_checkpoint(event)
+            case DoneEvent():
+                self.done = event
+            case PausedEvent():
+                self.paused = event
+            case ErrorEvent():
+                self.error = event
+
+    def _on_hyperparameters(self, event: HyperparametersEvent) -> None:
+        self.total_steps = event.total_steps
+        resolved = {
+            "n_epochs": event.n_epochs,
+            "batch_size": event.batch_size,
+            "learning_rate_multiplier": event.learning_rate_multiplier,
+        }
         with session_scope(self.sessions) as session:
             job = session.execute(select(Job).where(Job.id == self.job_id)).scalar_one()
             if {k: job.hyperparameters.get(k) for k in resolved} == resolved:
@@ -84,26 +103,27 @@ class RunProgress:
                 + f" ({self.total_steps} steps)",
             )
 
-    def _on_resumed(self, msg: dict[str, Any]) -> None:
-        step = int(msg["step"])
+    def _on_resumed(self, event: ResumedEvent) -> None:
+        step = event.step
         self.start_step = step
         with session_scope(self.sessions) as session:
             add_event(
                 session,
                 self.job_id,
                 f"Resumed from checkpoint at step {step}/{self.total_steps}",
-                data={"step": step, "kind": msg.get("kind")},
+                data={"step": step, "kind": event.kind},
             )
 
-    def _on_metrics(self, msg: dict[str, Any]) -> None:
-        data = {k: v for k, v in msg.items() if k not in ("type", "epoch")}
-        step, total = int(msg["step"]), int(msg.get("total_steps") or self.total_steps)
+    def _on_metrics(self, event: MetricsEvent) -> None:
+        # OpenAI's metrics event data: the step, the total and the metrics (not the epoch).
+        step, total = event.step, event.total_steps or self.total_steps
+        data = {"step": step, "total_steps": event.total_steps, **event.metrics.model_dump()}
         per_step = (time.monotonic() - self.started) / max(step - self.start_step, 1)
         with session_scope(self.sessions) as session:
             if not self.seen_metrics:
                 self._drop_superseded(session, step)
                 self.seen_metrics = True
-            add_event(session, self.job_id, metrics_message(msg, total), type="metrics", data=data)
+            add_event(session, self.job_id, metrics_message(event, total), type="metrics", data=data)
             session.execute(
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value)
@@ -122,15 +142,15 @@ class RunProgress:
         if stale:
             session.execute(delete(JobEvent).where(JobEvent.id.in_(stale)))
 
-    def _on_checkpoint(self, msg: dict[str, Any]) -> None:
-        if msg.get("kind") != "epoch":
+    def _on_checkpoint(self, event: CheckpointEvent) -> None:
+        if event.kind != "epoch":
             return  # a pause checkpoint is the job's private resume point, not a model
-        step = int(msg["step"])
+        step = event.step
         with session_scope(self.sessions) as session:
             job = session.execute(select(Job).where(Job.id == self.job_id)).scalar_one()
             if job.status != JobStatus.RUNNING.value:
                 return  # cancelled meanwhile: the worker removes what is on disk
-            row = checkpoints.record(session, job, step, str(msg["path"]), dict(msg.get("metrics") or {}))
+            row = checkpoints.record(session, job, step, event.path, event.openai_metrics())
             gone = checkpoints.forget_missing(session, self.job_id)
             add_event(
                 session,

@@ -1,5 +1,5 @@
 """What a worker does with a job: validate its files, then run the trainer as a subprocess
-and turn its JSON lines into job state, events and a registered adapter.
+and turn its events into job state, job events and a registered adapter.
 
 Knows nothing of Celery (``queue/tasks.py`` calls these with ids) and never imports torch:
 the trainer runs in ``python -m loraforge.trainer SPEC`` so CUDA never lives in this process
@@ -8,7 +8,6 @@ and cancel is a signal.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -22,20 +21,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.adapters import registry
 from loraforge.contracts.job_error import JobError
-from loraforge.db.models import FileRecord, Job, Organization
+from loraforge.contracts.train_spec import load_spec
+from loraforge.contracts.trainer_launch import launch_command
+from loraforge.db.models import Job, Organization
 from loraforge.db.session import session_scope
 from loraforge.engines import fleet_for
 from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
-from loraforge.jobs import file_checks, placement
+from loraforge.jobs import file_checks
 from loraforge.jobs.naming import fine_tuned_model_name
 from loraforge.jobs.state import JobStatus, add_event, fail, transition
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
-from loraforge.trainer.kernels import requested_kernels
-from loraforge.trainer.launch import launch_command
-from loraforge.trainer.spec import load_spec
-from loraforge.worker import admission, artefacts, results
+from loraforge.worker import admission, artefacts, job_spec, results
 from loraforge.worker.gpu_leases import GpuLease
 from loraforge.worker.progress import RunProgress
 from loraforge.worker.trainer_process import TrainerProcess
@@ -48,11 +46,6 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def _file_path(session: Session, blobs: BlobStore, file_id: str) -> Path:
-    record = session.execute(select(FileRecord).where(FileRecord.id == file_id)).scalar_one()
-    return Path(blobs.local_path(record.storage_key))
-
-
 def validate_job(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> bool:
     """``validating_files`` -> ``queued`` (True) or ``failed`` with the files' problem (False).
 
@@ -60,73 +53,6 @@ def validate_job(settings: Settings, sessions: sessionmaker[Session], job_id: st
     tokens counted with the model's tokenizer and chat template, the format matched to the method.
     """
     return file_checks.validate_job_files(settings, sessions, job_id)
-
-
-_OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
-_SPEC_KNOBS = (
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_target_modules",
-    "max_seq_length",
-    "warmup_ratio",
-    "weight_decay",
-)
-
-
-def _write_spec(settings: Settings, session: Session, job: Job, run_dir: Path) -> Path:
-    # The trainer inherits this environment: a bad LORAFORGE_KERNELS fails the job here, with
-    # its message, instead of after the trainer has loaded the model (ValueError -> _start).
-    requested_kernels()
-    blobs = BlobStore(str(settings.blobs_dir))
-    spec = {
-        "job_id": job.id,
-        "base_model": job.model,
-        "models_config": str(settings.models_config) if settings.models_config else None,
-        "models_dir": str(settings.models_dir),
-        "training_file": str(_file_path(session, blobs, job.training_file)),
-        "validation_file": str(_file_path(session, blobs, job.validation_file))
-        if job.validation_file
-        else None,
-        "output_dir": str(settings.adapters_dir / job.id),
-        "hyperparameters": {k: v for k, v in job.hyperparameters.items() if k in _OPENAI_HYPERPARAMETERS},
-        "seed": job.seed,
-        "torch_threads": settings.torch_threads,
-        # Crash recovery and pause: the trainer checkpoints here and resumes from the newest one.
-        "checkpoint_dir": str(artefacts.checkpoint_dir(settings, job.id)),
-        "pause_file": str(run_dir / artefacts.PAUSE_FILE),
-        "eval_every": settings.eval_every_steps,
-        "init_adapter": _init_adapter(session, job),
-        # LoRA knobs and schedule are top-level TrainSpec fields (absent: the catalog's defaults).
-        **{k: job.hyperparameters[k] for k in _SPEC_KNOBS if job.hyperparameters.get(k) is not None},
-        # The memory plan made at creation: strategy, GPUs, token budget, checkpointing; and the
-        # device of the pool it was planned for (a cpu-pool job stays on the CPU even where the
-        # worker also sees a GPU). A job created before plans keeps the defaults.
-        **_plan_fields(job),
-    }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "spec.json"
-    path.write_text(json.dumps(spec, indent=2))
-    return path
-
-
-def _plan_fields(job: Job) -> dict[str, object]:
-    plan = placement.train_plan(job)
-    if plan is None or job.plan is None:
-        return {}
-    return {"plan": plan.model_dump(mode="json"), "device": job.plan.get("device", "auto")}
-
-
-def _init_adapter(session: Session, job: Job) -> str | None:
-    """The adapter a continued fine-tuning job starts from (resolved now: it may have been deleted).
-
-    Raises:
-        ModelNotFoundError: the parent model or checkpoint no longer exists.
-    """
-    if not job.parent_model:
-        return None
-    org = session.execute(select(Organization).where(Organization.id == job.org_id)).scalar_one()
-    return registry.resolve(session, org, job.parent_model).adapter_path
 
 
 _OURS, _PAUSE, _LOST = "ours", "pause", "lost"
@@ -179,7 +105,7 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
         try:
-            return _write_spec(settings, session, job, folder)
+            return job_spec.write_spec(settings, session, job, folder)
         except Exception as exc:  # noqa: BLE001 - any reason the run cannot start fails the job
             log.exception("job %s: could not prepare the run", job_id)
             if isinstance(exc, ModelNotFoundError):
@@ -245,9 +171,9 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
     last_check = last_beat = time.monotonic()
     try:
         while not trainer.finished():
-            msg = trainer.next_message(timeout=settings.cancel_poll_seconds)
-            if msg is not None:
-                run.handle(msg)
+            event = trainer.next_event(timeout=settings.cancel_poll_seconds)
+            if event is not None:
+                run.handle(event)
             clock = time.monotonic()
             if clock - last_check < settings.cancel_poll_seconds:
                 continue
@@ -299,7 +225,7 @@ def _abandon(settings: Settings, sessions: sessionmaker[Session], job_id: str) -
 def _pause(
     settings: Settings, sessions: sessionmaker[Session], job_id: str, wid: str, run: RunProgress
 ) -> None:
-    step = (run.paused or {}).get("step")
+    step = run.paused.step if run.paused is not None else None
     where = f" at step {step}/{run.total_steps}" if step is not None else ""
     with session_scope(sessions) as session:
         ok = transition(
@@ -323,8 +249,8 @@ def _trainer_error(run: RunProgress, returncode: int) -> JobError:
             code="training_error",
             message=f"The trainer exited with code {returncode} before finishing.",
         )
-    error = run.error  # the trainer's {"type": "error", "code", "message", "param"} line
-    return JobError(code=error["code"], message=error["message"], param=error.get("param"))
+    error = run.error  # the trainer's error event
+    return JobError(code=error.code, message=error.message, param=error.param)
 
 
 def _fail(
@@ -361,7 +287,7 @@ def _finish(
         # A run killed between registering and succeeding left its registration: replace it.
         registry.delete_fine_tuned_model_by_name(session, name)
         model = registry.register(
-            session, name=name, org_id=job.org_id, job_id=job_id, adapter_dir=Path(run.done["adapter_dir"])
+            session, name=name, org_id=job.org_id, job_id=job_id, adapter_dir=Path(run.done.adapter_dir)
         )
     fleet_for(settings).load(model.base_model, model.id, model.adapter_path)
     record = None
@@ -376,7 +302,7 @@ def _finish(
             "The job has successfully completed",
             expect={"worker_id": wid},
             fine_tuned_model=name,
-            trained_tokens=int(run.done.get("trained_tokens", 0)),
+            trained_tokens=run.done.trained_tokens,
             result_files=[record.id],
         )
         if not ok:  # cancelled (or taken over) at the last moment: nothing of this run may stay

@@ -1,4 +1,8 @@
-"""Resolve ``"auto"`` hyperparameters the way the OpenAI fine-tuning API does (pure, no torch)."""
+"""Resolve ``"auto"`` hyperparameters the way the OpenAI fine-tuning API does (pure, no torch).
+
+One set of rules for every process: the trainer resolves a run's hyperparameters with them, and
+the API's pre-flight estimate (``preflight/estimate.py``) predicts the same steps and epochs.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 if TYPE_CHECKING:
     from loraforge.catalog.catalog import BaseModelEntry
-    from loraforge.trainer.spec import Hyperparameters
+    from loraforge.contracts.train_spec import Hyperparameters
 
 # OpenAI cookbook ("Data preparation and analysis for chat model fine-tuning"): aim for ~3 epochs,
 # but see at least 100 and at most 25,000 examples in total.

@@ -1,8 +1,9 @@
 """The training spec: the one JSON file the worker writes and ``python -m loraforge.trainer`` reads.
 
-Pure (no torch): the worker builds a :class:`TrainSpec` and dumps it with ``model_dump_json()``.
-Unknown keys are rejected, so a mismatch between writer and reader fails loudly instead of being
-silently ignored.
+Pure (no torch): the worker builds a :class:`TrainSpec` and dumps it with ``model_dump_json()``;
+the memory planner writes its :class:`TrainPlan`; the API validates the OpenAI
+:class:`Hyperparameters` with it. Unknown keys are rejected, so a mismatch between writer and
+reader fails loudly (in the worker, which fails the job) instead of being silently ignored.
 """
 
 from __future__ import annotations
