@@ -19,7 +19,7 @@ from loraforge.contracts.envelope import error_body
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
 from loraforge.engines import EngineFleet
 from loraforge.settings import Settings
-from loraforge.storage.blobs import BlobStore
+from loraforge.storage import open_store
 from loraforge.web import mount_web
 
 # Multipart framing and the form fields come on top of the file itself.
@@ -43,7 +43,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
             settings=settings,
             sessions=make_sessionmaker(engine),
             catalog=load_catalog(settings.models_config),
-            blobs=BlobStore(str(settings.blobs_dir)),
+            blobs=open_store(settings),
             dispatcher=chosen,
             engines=EngineFleet.from_settings(settings),
         )

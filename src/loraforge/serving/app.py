@@ -1,8 +1,11 @@
 """The engine's HTTP face: vLLM's adapter protocol plus OpenAI chat completions.
 
-    POST /v1/load_lora_adapter     {"lora_name", "lora_path"} -> 200 text (vLLM wording)
+    POST /v1/load_lora_adapter     {"lora_name", "lora_path"} -> 200 text (vLLM wording);
+                                   ``lora_path`` is a key in the adapter store, never a path
+                                   (``serving/adapter_store.py``)
     POST /v1/unload_lora_adapter   {"lora_name"}              -> 200 text, 404 if not loaded
-    GET  /v1/models[/{model}]      the base model and the loaded adapters (``parent``/``root`` like vLLM)
+    GET  /v1/models[/{model}]      the base model and the loaded adapters (``parent`` like vLLM;
+                                   an adapter's ``root`` is its name: no locations are shown)
     POST /v1/chat/completions      OpenAI ChatCompletion, or SSE chunks with ``stream: true``
     GET  /health                   {"status": "ok", "base_model", "adapters"}
 
@@ -22,6 +25,7 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -38,8 +42,10 @@ from loraforge.contracts.engine import (
     UnloadLoRAAdapterRequest,
 )
 from loraforge.contracts.envelope import error_body, validation_error
+from loraforge.serving.adapter_store import AdapterStore
 from loraforge.serving.errors import (
     AdapterNotLoaded,
+    AdapterStoreUnavailable,
     AuthenticationFailed,
     EngineError,
     EngineNotReady,
@@ -72,7 +78,7 @@ class ServingEngine(Protocol):
     def base_model(self) -> str: ...
     def loaded_adapters(self) -> list[str]: ...
     def describe_adapters(self) -> list[LoadedAdapter]: ...
-    def load_adapter(self, name: str, path: str) -> bool: ...
+    def load_adapter(self, name: str, path: str | Path) -> bool: ...
     def unload_adapter(self, name: str) -> None: ...
     def prepare(
         self,
@@ -114,9 +120,15 @@ health_router = APIRouter()
 
 
 @router.post("/load_lora_adapter", response_class=PlainTextResponse)
-async def load_lora_adapter(body: LoadLoRAAdapterRequest, engine: EngineDep) -> PlainTextResponse:
-    """Hot-load a LoRA adapter; loading the same name and path again is a no-op."""
-    await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path)
+async def load_lora_adapter(
+    body: LoadLoRAAdapterRequest, engine: EngineDep, request: Request
+) -> PlainTextResponse:
+    """Hot-load a LoRA adapter from the adapter store; loading the same name and key again is a no-op."""
+    store: AdapterStore | None = request.app.state.adapter_store
+    if store is None:
+        raise AdapterStoreUnavailable("This engine has no adapter store configured.")
+    path = await run_in_threadpool(store.resolve, body.lora_name, body.lora_path)
+    await run_in_threadpool(engine.load_adapter, body.lora_name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
@@ -136,7 +148,7 @@ def _model_cards(engine: ServingEngine) -> list[ModelCard]:
                 id=adapter.name,
                 created=adapter.manifest.created_at,
                 owned_by=entry.owned_by,
-                root=str(adapter.path),
+                root=adapter.name,  # not its directory: where adapters are kept is the engine's business
                 parent=entry.id,
             )
         )
@@ -289,6 +301,7 @@ def create_engine_app(
     engine_or_factory: ServingEngine | Callable[[], ServingEngine],
     *,
     api_key: str | None = None,
+    adapter_store: AdapterStore | None = None,
     title: str = "loraforge engine",
 ) -> FastAPI:
     """Build the engine's FastAPI app.
@@ -297,6 +310,7 @@ def create_engine_app(
         engine_or_factory: a ready engine (tests), or a zero-argument callable that builds one;
             the callable runs at startup (lifespan), in a worker thread, never at import.
         api_key: if set, every ``/v1`` route requires ``Authorization: Bearer <api_key>``.
+        adapter_store: where ``load_lora_adapter`` fetches adapters; None: it refuses (503).
         title: OpenAPI title.
 
     Returns:
@@ -319,6 +333,7 @@ def create_engine_app(
     app = FastAPI(title=title, lifespan=lifespan)
     app.state.engine = engine
     app.state.api_key = api_key
+    app.state.adapter_store = adapter_store
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -374,7 +389,7 @@ def run_engine(
             batch_window_s=batch_window_ms / 1000,
         )
 
-    app = create_engine_app(factory, api_key=api_key)
+    app = create_engine_app(factory, api_key=api_key, adapter_store=AdapterStore.from_settings(settings))
     uvicorn.run(
         app, host=host or settings.engine_host, port=port or settings.engine_port, log_level=log_level
     )

@@ -32,8 +32,9 @@ from loraforge.jobs import file_checks
 from loraforge.jobs.naming import fine_tuned_model_name
 from loraforge.jobs.state import JobStatus, add_event, fail, transition
 from loraforge.settings import Settings
-from loraforge.storage.blobs import BlobStore
-from loraforge.worker import admission, artefacts, job_spec, results
+from loraforge.storage import adapter_key, open_store
+from loraforge.storage.sealed import delete_dir
+from loraforge.worker import admission, artefacts, job_spec, results, store_sync
 from loraforge.worker.gpu_leases import GpuLease
 from loraforge.worker.progress import RunProgress
 from loraforge.worker.trainer_process import TrainerProcess
@@ -105,7 +106,11 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
         try:
-            return job_spec.write_spec(settings, session, job, folder)
+            spec = job_spec.write_spec(settings, session, job, folder)
+            # This disk may never have seen the job (another host ran it until it died): its
+            # newest checkpoint comes from the store, and the trainer resumes from it.
+            store_sync.restore_checkpoint(settings, sessions, job_id)
+            return spec
         except Exception as exc:  # noqa: BLE001 - any reason the run cannot start fails the job
             log.exception("job %s: could not prepare the run", job_id)
             if isinstance(exc, ModelNotFoundError):
@@ -182,6 +187,7 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
             last_check, last_beat = clock, (clock if beat else last_beat)
             if state == _LOST:
                 trainer.stop()
+                run.mirror.abort()
                 _abandon(settings, sessions, job_id)
                 return
             if state == _PAUSE and pause_deadline is None:
@@ -195,6 +201,11 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
     finally:
         trainer.stop()
         trainer.close()
+    # The last checkpoints (a pause's above all) must be in the store before the job moves on.
+    still_ours = lambda: _poll(sessions, job_id, wid, beat=True) != _LOST  # noqa: E731
+    if not run.mirror.drain(still_ours, settings.cancel_poll_seconds):
+        _abandon(settings, sessions, job_id)
+        return
     if run.done is None and run.error is None and (run.paused is not None or pause_deadline is not None):
         _pause(settings, sessions, job_id, wid, run)
         return
@@ -261,6 +272,7 @@ def _fail(
         ok = fail(session, job_id, error, expect={"worker_id": wid})
     if ok:
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
+        delete_dir(open_store(settings), adapter_key(job_id))
     else:
         _abandon(settings, sessions, job_id)
 
@@ -280,14 +292,16 @@ def _finish(
     if _poll(sessions, job_id, wid, beat=True) == _LOST:  # renew the lease for the last stretch
         _abandon(settings, sessions, job_id)
         return
-    blobs = BlobStore(str(settings.blobs_dir))
+    blobs = open_store(settings)
+    adapter_dir = Path(run.done.adapter_dir)
+    ref = store_sync.publish_adapter(settings, job_id, adapter_dir)
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
         name = job.reserved_model or ""
         # A run killed between registering and succeeding left its registration: replace it.
         registry.delete_fine_tuned_model_by_name(session, name)
         model = registry.register(
-            session, name=name, org_id=job.org_id, job_id=job_id, adapter_dir=Path(run.done.adapter_dir)
+            session, name=name, org_id=job.org_id, job_id=job_id, adapter_dir=adapter_dir, ref=ref
         )
     fleet_for(settings).load(model.base_model, model.id, model.adapter_path)
     record = None
@@ -310,7 +324,7 @@ def _finish(
             results.discard_results(blobs, record)
             registry.delete_fine_tuned_model_by_name(session, name)
     if ok:
-        artefacts.strip_training_state(settings, job_id)
+        store_sync.strip_training_state(settings, job_id)
     else:
         fleet_for(settings).unload(model.base_model, [model.id])
         _abandon(settings, sessions, job_id)
