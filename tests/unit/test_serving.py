@@ -172,10 +172,7 @@ def test_served_output_equals_peft_generate(engine, loaded, tiny):
 
 def test_unload_then_model_not_found(sdk, http, tiny):
     name = "ft:tiny-llama:temp:ftjob-unload"
-    assert (
-        http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": REF}).status_code
-        == 200
-    )
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": REF}).status_code == 200
     response = http.post("/v1/unload_lora_adapter", json={"lora_name": name})
     assert (
         response.status_code == 200

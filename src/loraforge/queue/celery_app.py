@@ -29,7 +29,14 @@ def create_celery(settings: Settings) -> Celery:
     if url.startswith(("redis://", "rediss://", "sqs://")):
         # An unacknowledged task goes to another worker after this long (a training task is
         # unacknowledged for its whole run); the job's lease keeps that copy from training.
-        conf["broker_transport_options"] = {"visibility_timeout": settings.broker_visibility_timeout_seconds}
+        timeout = settings.broker_visibility_timeout_seconds
+        conf["broker_transport_options"] = {
+            "visibility_timeout": timeout,
+            # kombu looks for expired unacknowledged tasks every interval x throttle seconds
+            # (100 s by default): a short timeout would otherwise not take effect for minutes.
+            "unacked_restore_interval": min(10.0, max(1.0, timeout / 3)),
+            "unacked_restore_throttle": 1,
+        }
     if url.startswith("filesystem://"):
         where = url.removeprefix("filesystem://")
         root = Path(where) if where.startswith("/") else settings.home / "broker"

@@ -44,7 +44,8 @@ class BlobStore:
         self.is_local = "file" in self.fs.protocol
         try:
             self.fs.makedirs(self.root, exist_ok=True)
-        except PermissionError:  # a bucket we may use but not create: it exists, or ping() says so
+        except Exception:  # noqa: BLE001 - unreachable or not ours to create: ping() says which
+            # A process must start while the store is down (the API reports itself not ready).
             pass
 
     def _path(self, key: str) -> str:
@@ -229,10 +230,13 @@ class BlobStore:
         Raises:
             OSError: the store cannot be listed (unreachable, no such bucket, no permission).
         """
+        if self.is_local:
+            if not os.path.isdir(self.root):
+                raise FileNotFoundError("the blob store's folder is missing")
+            return
         try:
-            if not self.fs.exists(self.root) and not self.is_local:
-                # An empty prefix is no object: the bucket itself must be there.
-                self.fs.ls(self.root.split("/", 1)[0], detail=False, refresh=True)
+            # One listing of the bucket's top level: the bucket exists and the credentials work.
+            self.fs.ls(self.root.split("/", 1)[0], detail=False, refresh=True)
         except OSError:
             raise
         except Exception as exc:  # botocore's own errors are not OSErrors
