@@ -262,3 +262,56 @@ def test_checkpoints_are_mirrored_then_restored_on_an_empty_home(
         is None
     )
     engine.dispose()
+
+
+def test_rows_from_before_the_store_are_adopted_by_the_worker_on_their_host(
+    settings: Settings, api: TestClient, make_key, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    from loraforge.adapters.format import AdapterManifest, LoraSettings, write_manifest
+    from loraforge.db.models import FineTunedModel, Organization
+    from loraforge.worker.legacy import adopt_legacy_adapters
+
+    sessions = make_sessionmaker(make_engine(settings))
+    job_id = new_job(api, make_key("acme"))
+    old = make_dir(
+        settings.adapters_dir / job_id, {"adapter_config.json": b"{}", "adapter_model.safetensors": b"w"}
+    )
+    manifest = AdapterManifest(
+        job_id=job_id,
+        base_model="loraforge/tiny-llama",
+        base_weights="builtin:tiny-llama",
+        chat_template="{{ x }}",
+        stop_tokens=[],
+        lora=LoraSettings(r=4, alpha=8, dropout=0.0, target_modules=["q_proj"]),
+        hyperparameters={},
+    )
+    write_manifest(old, manifest)
+    with session_scope(sessions) as session:
+        org = session.execute(select(Organization)).scalars().first()
+        session.add(
+            FineTunedModel(
+                id="ft:old",
+                org_id=org.id,
+                job_id=job_id,
+                base_model="loraforge/tiny-llama",
+                adapter_path=str(old),
+                created_at=now(),
+            )
+        )
+        session.add(
+            FineTunedModel(
+                id="ft:elsewhere",
+                org_id=org.id,
+                job_id="ftjob-x",
+                base_model="loraforge/tiny-llama",
+                adapter_path="/another/host/adapters/ftjob-x",
+                created_at=now(),
+            )
+        )
+    assert adopt_legacy_adapters(settings, sessions) == ["ft:old"]
+    with session_scope(sessions) as session:
+        paths = dict(session.execute(select(FineTunedModel.id, FineTunedModel.adapter_path)).all())
+    assert paths == {"ft:old": f"adapters/{job_id}", "ft:elsewhere": "/another/host/adapters/ftjob-x"}
+    store = BlobStore(settings.blob_store_url)
+    assert set(read_seal(store, f"adapters/{job_id}").files) == {p.name for p in old.iterdir()}
+    assert adopt_legacy_adapters(settings, sessions) == []  # idempotent

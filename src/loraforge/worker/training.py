@@ -81,7 +81,15 @@ def _poll(sessions: sessionmaker[Session], job_id: str, wid: str, beat: bool) ->
 
 
 def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid: str) -> Path | None:
-    """Take the job's lease (``queued`` -> ``running``) and write its spec; None if not ours to run."""
+    """Take the job's lease (``queued`` -> ``running``) and write its spec; None if not ours to run.
+
+    The lease is the compare-and-set ``queued -> running`` in the database, so a second copy of
+    the train task -- a re-send by the reaper, or Redis handing the unacknowledged task out again
+    after its visibility timeout -- finds the job running under another worker's live lease and
+    returns without starting a trainer, on any host. That copy is then acknowledged: the job is
+    not lost with it, because the database, not the message, holds it (the reaper re-queues a job
+    whose lease lapses and sends its task again).
+    """
     folder = artefacts.run_dir(settings, job_id)
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
