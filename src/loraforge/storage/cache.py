@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from loraforge.storage.blobs import BlobStore
@@ -29,6 +30,22 @@ from loraforge.storage.sealed import Seal, read_seal
 
 class StorageIntegrityError(ValueError):
     """What was fetched does not match the checksum the store recorded for it."""
+
+
+@contextlib.contextmanager
+def store_errors() -> Iterator[None]:
+    """Report a store that does not answer as an ``OSError`` whatever the client raised.
+
+    s3fs turns S3's answers into ``FileNotFoundError``/``PermissionError``, but a connection that
+    fails surfaces as botocore's own exceptions; callers tell "missing" (fail) from "unreachable"
+    (wait and retry) by ``OSError`` alone.
+    """
+    try:
+        yield
+    except (OSError, ValueError):
+        raise
+    except Exception as exc:
+        raise OSError(f"the object store did not answer: {type(exc).__name__}: {exc}") from exc
 
 
 class LocalCache:
@@ -56,7 +73,12 @@ class LocalCache:
         Raises:
             FileNotFoundError: the store has no such blob.
             StorageIntegrityError: the download does not match the blob's recorded checksum.
+            OSError: the store did not answer.
         """
+        with store_errors():
+            return self._file(key)
+
+    def _file(self, key: str) -> Path:
         if self.store.is_local:
             path = Path(self.store.local_path(key))
             if not path.is_file():
@@ -97,7 +119,12 @@ class LocalCache:
         Raises:
             FileNotFoundError: the store has no complete (sealed) directory there.
             StorageIntegrityError: a file does not match the seal.
+            OSError: the store did not answer.
         """
+        with store_errors():
+            return self._directory(key)
+
+    def _directory(self, key: str) -> Path:
         seal = read_seal(self.store, key)
         if seal is None:
             raise FileNotFoundError(f"no complete directory {key!r} in the store")
@@ -128,11 +155,13 @@ class LocalCache:
         Raises:
             FileNotFoundError: the store has no complete directory there.
             StorageIntegrityError: a file does not match the seal.
+            OSError: the store did not answer.
         """
-        seal = read_seal(self.store, key)
-        if seal is None:
-            raise FileNotFoundError(f"no complete directory {key!r} in the store")
-        self._download(key, seal, dest)
+        with store_errors():
+            seal = read_seal(self.store, key)
+            if seal is None:
+                raise FileNotFoundError(f"no complete directory {key!r} in the store")
+            self._download(key, seal, dest)
         return sum(f.size for f in seal.files.values())
 
     def _download(self, key: str, seal: Seal, final: Path) -> None:

@@ -120,10 +120,22 @@ def restore_checkpoint(settings: Settings, sessions: sessionmaker[Session], job_
     return step
 
 
-def publish_adapter(settings: Settings, job_id: str, local_dir: Path) -> str:
-    """Upload a finished adapter directory; return its key (what the registry stores)."""
+def publish_adapter(settings: Settings, job_id: str, local_dir: Path, attempts: int = 4) -> str:
+    """Upload a finished adapter directory; return its key (what the registry stores).
+
+    A store that fails is tried again (2, 4, 8 s apart) before the error is raised: hours of
+    training must not be lost to a blip of the object store.
+    """
     key = adapter_key(job_id)
-    put_dir(open_store(settings), local_dir, key)
+    for attempt in range(attempts):
+        try:
+            put_dir(open_store(settings), local_dir, key)
+            return key
+        except OSError as exc:
+            if attempt == attempts - 1 or isinstance(exc, FileNotFoundError):
+                raise
+            log.warning("job %s: uploading the adapter failed (%s); trying again", job_id, exc)
+            time.sleep(2 ** (attempt + 1))
     return key
 
 

@@ -115,11 +115,11 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
         try:
             spec = job_spec.write_spec(settings, session, job, folder)
-            # This disk may never have seen the job (another host ran it until it died): its
-            # newest checkpoint comes from the store, and the trainer resumes from it.
-            store_sync.restore_checkpoint(settings, sessions, job_id)
-            return spec
         except Exception as exc:  # noqa: BLE001 - any reason the run cannot start fails the job
+            if _store_unreachable(exc):
+                session.rollback()
+                _requeue(sessions, job_id, wid, exc)
+                return None
             log.exception("job %s: could not prepare the run", job_id)
             if isinstance(exc, ModelNotFoundError):
                 error = JobError(code="model_not_found", message=exc.message, param="model")
@@ -128,6 +128,35 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
             session.rollback()
             fail(session, job_id, error, expect={"worker_id": wid})
             return None
+    try:
+        # This disk may never have seen the job (another host ran it until it died): its newest
+        # checkpoint comes from the store, and the trainer resumes from it.
+        store_sync.restore_checkpoint(settings, sessions, job_id)
+    except Exception as exc:  # noqa: BLE001 - the store is the job's memory: wait for it
+        _requeue(sessions, job_id, wid, exc)
+        return None
+    return spec
+
+
+def _store_unreachable(exc: BaseException) -> bool:
+    """An object store that does not answer (not a missing file): the job should wait, not fail."""
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
+
+
+def _requeue(sessions: sessionmaker[Session], job_id: str, wid: str, exc: BaseException) -> None:
+    """Give the job back (``running`` -> ``queued``): its task is sent again by the reaper after
+    ``requeue_after_seconds``, when the object store may answer again."""
+    log.error("job %s: the object store failed while starting the run: %r", job_id, exc, exc_info=exc)
+    with session_scope(sessions) as session:
+        transition(
+            session,
+            job_id,
+            JobStatus.QUEUED,
+            f"Could not read the job's files or checkpoint from the object store ({type(exc).__name__}); "
+            "the job stays queued and is retried.",
+            level="warn",
+            expect={"worker_id": wid},
+        )
 
 
 def run_training(
