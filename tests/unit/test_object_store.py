@@ -137,6 +137,20 @@ def test_s3_store_and_checked_cache(s3_store: BlobStore, tmp_path: Path) -> None
     assert not (tmp_path / "cache" / "blobs" / "files" / "o" / "bad").exists()
     with pytest.raises(FileNotFoundError):
         cache.file("files/o/none")
+    # Large blobs go up as one multipart upload: visible when complete, absent after a failure.
+    block = b"x" * (1024 * 1024)
+
+    def big(fail: bool) -> Iterator[bytes]:
+        for _ in range(10):
+            yield block
+        if fail:
+            raise ValueError("the client went away")
+
+    with pytest.raises(ValueError):
+        s3_store.write_stream("files/o/big-failed", big(fail=True))
+    assert not s3_store.exists("files/o/big-failed")
+    assert s3_store.write_stream("files/o/big", big(fail=False)) == 10 * len(block)
+    assert cache.file("files/o/big").stat().st_size == 10 * len(block)
 
     local = checkpoint(tmp_path / "run", 10)
     put_dir(s3_store, local, "checkpoints/ftjob-2/step-0000010")

@@ -26,6 +26,8 @@ from loraforge.ids import random_token
 
 CHUNK = 1024 * 1024
 SIDECAR = ".sha256"
+# Objects up to this size are written with one PUT; larger ones with a multipart upload.
+SMALL = 8 * 1024 * 1024
 
 
 class BlobStore:
@@ -69,19 +71,9 @@ class BlobStore:
             checksum: also write the ``<key>.sha256`` sidecar (not for transient blobs such as
                 upload parts, whose assembled file gets one).
         """
-        digest = hashlib.sha256()
-        total = 0
-
-        def counted() -> Iterator[bytes]:
-            nonlocal total
-            for chunk in chunks:
-                digest.update(chunk)
-                total += len(chunk)
-                yield chunk
-
-        self._write_atomic(key, counted())
+        total, digest = self._write_atomic(key, chunks)
         if checksum:
-            self._write_atomic(key + SIDECAR, iter([digest.hexdigest().encode()]))
+            self._write_atomic(key + SIDECAR, iter([digest.encode()]))
         return total
 
     def write_bytes(self, key: str, data: bytes) -> None:
@@ -97,33 +89,61 @@ class BlobStore:
         Returns:
             Its size and sha256.
         """
-        digest = _sha256_file(local)
         if self.is_local and _try_link(local, Path(self._path(key))):
-            size = local.stat().st_size
+            size, digest = local.stat().st_size, _sha256_file(local)
         else:
-            size = self.write_stream(key, _read_chunks(local), checksum=False)
+            size, digest = self._write_atomic(key, _read_chunks(local))
         if sidecar:
             self._write_atomic(key + SIDECAR, iter([digest.encode()]))
         return size, digest
 
-    def _write_atomic(self, key: str, chunks: Iterator[bytes]) -> None:
+    def _write_atomic(self, key: str, chunks: Iterator[bytes]) -> tuple[int, str]:
+        """Write ``key`` so that it is whole or absent; return its size and sha256."""
         final = self._path(key)
+        digest = hashlib.sha256()
+        total = 0
+
+        def counted() -> Iterator[bytes]:
+            nonlocal total
+            for chunk in chunks:
+                digest.update(chunk)
+                total += len(chunk)
+                yield chunk
+
         if self.is_local:
-            tmp = posixpath.join(posixpath.dirname(final), f".tmp-{random_token(12)}")
-            self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-            try:
-                with self.fs.open(tmp, "wb") as out:
-                    for chunk in chunks:
-                        out.write(chunk)
-                self.fs.mv(tmp, final)
-            except BaseException:
-                if self.fs.exists(tmp):
-                    self.fs.rm(tmp)
-                raise
+            self._write_local(final, counted())
+        else:
+            self._write_object(final, counted())
+        return total, digest.hexdigest()
+
+    def _write_local(self, final: str, chunks: Iterator[bytes]) -> None:
+        # A temporary sibling renamed into place: rename is atomic on one disk.
+        tmp = posixpath.join(posixpath.dirname(final), f".tmp-{random_token(12)}")
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        try:
+            with self.fs.open(tmp, "wb") as out:
+                for chunk in chunks:
+                    out.write(chunk)
+            self.fs.mv(tmp, final)
+        except BaseException:
+            if self.fs.exists(tmp):
+                self.fs.rm(tmp)
+            raise
+
+    def _write_object(self, final: str, chunks: Iterator[bytes]) -> None:
+        # Up to SMALL bytes: one PUT (an object store shows a PUT whole or not at all). Beyond: one
+        # multipart upload that becomes visible only on commit, and is aborted on any error.
+        head = bytearray()
+        for chunk in chunks:
+            head += chunk
+            if len(head) >= SMALL:
+                break
+        else:
+            self.fs.pipe_file(final, bytes(head))
             return
-        # An object store: one upload that becomes visible only on commit; abort it on failure.
         out = self.fs.open(final, "wb", autocommit=False)
         try:
+            out.write(bytes(head))
             for chunk in chunks:
                 out.write(chunk)
             out.close()
@@ -254,11 +274,6 @@ def _sha256_file(path: Path) -> str:
     for chunk in _read_chunks(path):
         digest.update(chunk)
     return digest.hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a local file (hex)."""
-    return _sha256_file(path)
 
 
 def _try_link(source: Path, target: Path) -> bool:
