@@ -255,6 +255,20 @@ def one_run(args: argparse.Namespace, s3_env: dict[str, str], root: Path) -> dic
             took = load()
             warm.append((took, took + first_token(engine_url, "bench-key", name)))
             resident.append(first_token(engine_url, "bench-key", name))
+        # The fetch + checksum step alone, as the engine runs it (its code, in this process).
+        os.environ.update(s3_env)
+        from loraforge.storage import BlobStore, LocalCache
+
+        store = BlobStore(env["LORAFORGE_STORAGE_URL"])
+        fetch_cold, fetch_warm = [], []
+        for i in range(args.load_repeats):
+            local = LocalCache(store, root / f"fetch-{i}")
+            start = time.monotonic()
+            local.directory(ref)
+            fetch_cold.append(time.monotonic() - start)
+            start = time.monotonic()
+            local.directory(ref)
+            fetch_warm.append(time.monotonic() - start)
         cold_load, cold_ttft = (statistics.median(x[i] for x in cold) for i in (0, 1))
         warm_load, warm_ttft = (statistics.median(x[i] for x in warm) for i in (0, 1))
         resident_ttft = statistics.median(resident)
@@ -275,6 +289,8 @@ def one_run(args: argparse.Namespace, s3_env: dict[str, str], root: Path) -> dic
             "trainer_restart_s": round(training - fetch, 2),
             "baseline_first_start_s": round(first_step_a - queued_at, 2),
             "adapter_bytes": adapter_bytes,
+            "fetch_cold_s": round(statistics.median(fetch_cold), 4),
+            "fetch_warm_s": round(statistics.median(fetch_warm), 4),
             "cold_load_s": round(cold_load, 3),
             "warm_load_s": round(warm_load, 3),
             "cold_first_token_s": round(cold_ttft, 3),
@@ -329,6 +345,10 @@ def main() -> None:
         f"first new step {med('first_new_step_s'):.2f} s after the kill "
         f"(trainer restart {med('trainer_restart_s'):.2f} s; baseline first start on A "
         f"{med('baseline_first_start_s'):.2f} s)"
+    )
+    print(
+        f"adapter fetch + checksums (the engine's code): cold {med('fetch_cold_s'):.4f} s vs cache hit "
+        f"{med('fetch_warm_s'):.4f} s (x{med('fetch_cold_s') / med('fetch_warm_s'):.1f})"
     )
     print(
         f"adapter ({med('adapter_bytes') / 1e3:.0f} kB) to first token: cold from the store "

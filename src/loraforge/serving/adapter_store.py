@@ -78,7 +78,7 @@ class AdapterStore:
             raise AdapterStoreUnavailable(
                 f"The adapter store could not be reached to fetch '{name}'; try again."
             ) from exc
-        logger.info("adapter %s ready from the store in %.3fs", name, time.monotonic() - started)
+        logger.info("adapter %s ready from the store in %.4fs", name, time.monotonic() - started)
         return path
 
 
