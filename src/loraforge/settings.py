@@ -105,6 +105,10 @@ class Settings(BaseSettings):
     lease_timeout_seconds: float = 60.0
     reaper_interval_seconds: float = 10.0
     requeue_after_seconds: float = 300.0
+    # After the reaper sends a job's task (re-queue, re-send, start-up), it checks this long later
+    # that a worker took it, and sends it again if not (the wait doubling up to
+    # ``requeue_after_seconds``): a lost message costs seconds, not the 300 s window.
+    requeue_check_seconds: float = 15.0
     # Pause: how long a worker waits for the trainer's pause checkpoint before stopping it anyway.
     pause_timeout_seconds: float = 120.0
     # Evaluate on the validation sample every N steps besides each epoch end (0: epoch ends only).
