@@ -177,6 +177,11 @@ class Settings(BaseSettings):
         return self.home / "models"
 
     @property
+    def logs_dir(self) -> Path:
+        """``loraforge serve``'s per-child log files (``api.log``, ``worker.log``, ``engine.log``)."""
+        return self.home / "logs"
+
+    @property
     def exports_dir(self) -> Path:
         """Cached model exports (merged weights), one folder per fine-tuning job."""
         return self.home / "exports"

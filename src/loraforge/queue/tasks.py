@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.contracts.dispatch import (
@@ -61,7 +61,7 @@ def train_job_task(job_id: str, wait_token: int | None = None) -> None:
     If its GPUs are busy, the task is sent again after ``gpu_wait_seconds`` (the job stays queued).
     """
     settings = get_settings()
-    token = training.run_training(settings, _sessions(), job_id, wait_token)
+    token = training.run_training(settings, _sessions(), job_id, wait_token, requeue=queue_training)
     if token is not None:
         queue_training(job_id, token, countdown=settings.gpu_wait_seconds)
 
@@ -84,3 +84,10 @@ def _start_reaper(**_: object) -> None:
     """Each worker process reconciles jobs once at start, then re-queues stale ones periodically
     (``loraforge.worker.reaper``: a SIGKILLed worker's tasks are never redelivered by Celery)."""
     Reaper(get_settings(), _sessions(), train=queue_training, validate=validate_job_task.delay).start()
+
+
+@worker_shutting_down.connect
+def _hand_jobs_back(**_: object) -> None:
+    """SIGTERM (``serve`` stopping, a deploy): running trainers stop and their jobs are queued again
+    at once, to resume from their checkpoints (``worker.training.begin_shutdown``)."""
+    training.begin_shutdown()
