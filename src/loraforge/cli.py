@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -32,13 +36,42 @@ def api(
     from loraforge.supervisor import follow_supervisor
 
     follow_supervisor()
+    with _metrics_dir():
+        from loraforge.api.app import create_app
 
-    from loraforge.api.app import create_app
+        settings = get_settings()
+        uvicorn.run(
+            create_app(settings),
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            log_level="info",
+        )
 
-    settings = get_settings()
-    uvicorn.run(
-        create_app(settings), host=host or settings.api_host, port=port or settings.api_port, log_level="info"
-    )
+
+@contextmanager
+def _metrics_dir() -> Iterator[None]:
+    """Give this API process group its own ``PROMETHEUS_MULTIPROC_DIR`` unless the operator set one.
+
+    prometheus-client's multiprocess mode is what makes ``/metrics`` right with several uvicorn
+    worker processes (each writes its own files, any of them serves the sum). It must be set
+    before ``prometheus_client`` is imported, and must start empty: a fresh temporary directory,
+    removed on exit. One the operator sets is theirs to empty between runs.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="loraforge-api-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _single_process_metrics() -> None:
+    """The worker and the engine are one process each: their metrics stay in memory (a per-job
+    gauge can then be removed), even if ``PROMETHEUS_MULTIPROC_DIR`` is in the environment."""
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 @app.command()
@@ -51,6 +84,10 @@ def worker(
         str | None, typer.Option(help="Comma-separated Celery queues (default: default + train.<pool>)")
     ] = None,
     concurrency: Annotated[int | None, typer.Option(help="Worker threads")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve /metrics and /healthz here (default LORAFORGE_WORKER_METRICS_PORT; 0: off)"),
+    ] = None,
 ) -> None:
     """Run a Celery worker: validates files, runs trainer subprocesses, registers adapters.
 
@@ -64,6 +101,10 @@ def worker(
     from loraforge.supervisor import follow_supervisor
 
     follow_supervisor()
+    _single_process_metrics()
+    if metrics_port is not None:  # the tasks read the settings from the environment
+        os.environ["LORAFORGE_WORKER_METRICS_PORT"] = str(metrics_port)
+        get_settings.cache_clear()
     settings = get_settings()
     if queues is None:
         served = [p.strip() for p in pools.split(",") if p.strip()] if pools else None
@@ -116,6 +157,7 @@ def engine(
     from loraforge.supervisor import follow_supervisor
 
     follow_supervisor()
+    _single_process_metrics()
     settings = get_settings()
     run_engine(
         settings,

@@ -33,6 +33,7 @@ from loraforge.ids import now
 from loraforge.jobs import file_checks
 from loraforge.jobs.naming import fine_tuned_model_name
 from loraforge.jobs.state import JobStatus, add_event, fail, transition
+from loraforge.ops.metrics import worker_metrics
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.worker import admission, artefacts, job_spec, results
@@ -191,6 +192,7 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
     env = lease.env() if lease else {}
     trainer = TrainerProcess(cmd, folder / "trainer.log", folder / artefacts.PAUSE_FILE, env=env)
     run = RunProgress(settings, sessions, job_id)
+    worker_metrics().running.inc()
     pause_deadline: float | None = None
     last_check = last_beat = time.monotonic()
     try:
@@ -222,6 +224,8 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
     finally:
         trainer.stop()
         trainer.close()
+        run.close()
+        worker_metrics().running.dec()
     if run.done is None and run.error is None and (run.paused is not None or pause_deadline is not None):
         _pause(settings, sessions, job_id, wid, run)
         return False
@@ -264,11 +268,22 @@ def _hand_back(sessions: sessionmaker[Session], job_id: str, wid: str) -> bool:
     return ok and target == JobStatus.QUEUED
 
 
+def _observe_end(sessions: sessionmaker[Session], job_id: str) -> None:
+    """Record a job this worker ran reaching its final state, for ``loraforge_job_duration_seconds``."""
+    with session_scope(sessions) as session:
+        row = session.execute(
+            select(Job.status, Job.started_at, Job.finished_at).where(Job.id == job_id)
+        ).one_or_none()
+    if row is not None and row.started_at is not None:
+        worker_metrics().job_ended(row.status, (row.finished_at or now()) - row.started_at)
+
+
 def _abandon(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
     """The job left this worker: a cancelled one loses its files; a re-queued one keeps them."""
     with session_scope(sessions) as session:
         status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
     if status == JobStatus.CANCELLED.value:
+        _observe_end(sessions, job_id)
         artefacts.remove_job_artefacts(settings, sessions, job_id)
         log.info("job %s was cancelled; trainer stopped and its files removed", job_id)
     else:
@@ -313,6 +328,7 @@ def _fail(
     with session_scope(sessions) as session:
         ok = fail(session, job_id, error, expect={"worker_id": wid})
     if ok:
+        _observe_end(sessions, job_id)
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
     else:
         _abandon(settings, sessions, job_id)
@@ -363,6 +379,7 @@ def _finish(
             results.discard_results(blobs, record)
             registry.delete_fine_tuned_model_by_name(session, name)
     if ok:
+        _observe_end(sessions, job_id)
         artefacts.strip_training_state(settings, job_id)
     else:
         fleet_for(settings).unload(model.base_model, [model.id])
