@@ -236,3 +236,45 @@ def status(sessions: sessionmaker[Session], job_id: str) -> str:
 @pytest.fixture(autouse=True)
 def _no_leftover_shutdown() -> None:
     assert not training._shutting_down.is_set()
+
+
+def test_serve_host_and_port_reach_the_api_child_and_the_banner(  # type: ignore[no-untyped-def]
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from loraforge import cli, supervisor
+    from loraforge.db import session as db_session
+
+    started: list[list[ChildSpec]] = []
+
+    class Recorder:
+        def __init__(self, specs: list[ChildSpec], **_: object) -> None:
+            started.append(list(specs))
+
+        def request_stop(self) -> None: ...
+
+        def run(self) -> int:
+            return 0
+
+    monkeypatch.setenv("LORAFORGE_HOME", str(settings.home))
+    monkeypatch.setenv("LORAFORGE_TRAIN_POOLS", '[{"name": "cpu", "device": "cpu", "memory_gib": 8}]')
+    # serve writes the flags into its environment for the children: restored after the test.
+    monkeypatch.setenv("LORAFORGE_API_HOST", "127.0.0.1")
+    monkeypatch.setenv("LORAFORGE_API_PORT", "8000")
+    monkeypatch.setattr(db_session, "migrate", lambda _settings: None)
+    monkeypatch.setattr(supervisor, "Supervisor", Recorder)
+    cli.get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(cli.app, ["serve", "--host", "0.0.0.0", "--port", "8123"])
+    finally:
+        cli.get_settings.cache_clear()
+    assert result.exit_code == 0, result.output
+    specs = {spec.name: spec for spec in started[0]}
+    assert list(specs) == ["engine", "worker", "api"]
+    assert (
+        specs["api"].env["LORAFORGE_API_HOST"] == "0.0.0.0"
+        and specs["api"].env["LORAFORGE_API_PORT"] == "8123"
+    )
+    assert "API on http://0.0.0.0:8123/v1" in result.output and "/readyz" in result.output
+    assert f"logs in {settings.home / 'logs'}" in result.output
