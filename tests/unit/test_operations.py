@@ -200,6 +200,7 @@ sys.stdout.write(ApiMetrics().render(settings, make_sessionmaker(make_engine(set
 """
 
 
+@pytest.mark.slow  # three Python processes
 def test_api_metrics_sum_over_processes_in_multiprocess_mode(settings: Settings, tmp_path: Path) -> None:
     """What ``loraforge api --workers N`` relies on: each uvicorn process writes its own files
     to ``PROMETHEUS_MULTIPROC_DIR`` and whichever answers the scrape reports the sum."""

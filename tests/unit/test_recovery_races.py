@@ -262,6 +262,7 @@ def killed_after_one_file(monkeypatch: pytest.MonkeyPatch, module: Any) -> None:
     monkeypatch.setattr(module.shutil, "rmtree", rmtree)
 
 
+@pytest.mark.slow  # imports the trainer (torch)
 def test_a_trainer_killed_while_pruning_leaves_no_half_deleted_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -288,6 +289,7 @@ def test_a_trainer_killed_while_pruning_leaves_no_half_deleted_checkpoint(
     assert sorted(p.name for p in root.iterdir()) == ["step-0000015", "step-0000020", "step-0000025"]
 
 
+@pytest.mark.slow  # imports the trainer (torch)
 def test_checkpoint_rows_follow_pruning_after_a_kill_mid_prune(
     api: TestClient,
     make_key: Callable[[str], str],
