@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     lease_timeout_seconds: float = 60.0
     reaper_interval_seconds: float = 10.0
     requeue_after_seconds: float = 300.0
+    # After the reaper sends a job's task (re-queue, re-send, start-up), it checks this long later
+    # that a worker took it, and sends it again if not (the wait doubling up to
+    # ``requeue_after_seconds``): a lost message costs seconds, not the 300 s window.
+    requeue_check_seconds: float = 15.0
+    # Each worker process serves ``/metrics`` and ``/healthz`` on this port (0: off) and address
+    # (``loraforge.ops.metrics``); several workers on one host need a port each.
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
     # Pause: how long a worker waits for the trainer's pause checkpoint before stopping it anyway.
     pause_timeout_seconds: float = 120.0
     # Evaluate on the validation sample every N steps besides each epoch end (0: epoch ends only).
@@ -171,6 +179,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        """``loraforge serve``'s per-child log files (``api.log``, ``worker.log``, ``engine.log``)."""
+        return self.home / "logs"
 
     @property
     def exports_dir(self) -> Path:

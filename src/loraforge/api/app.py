@@ -11,13 +11,23 @@ from fastapi.responses import JSONResponse
 from loraforge.api.deps import Services
 from loraforge.api.errors import install_error_handlers
 from loraforge.api.idempotency import install_idempotency
-from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models, uploads, webhook_endpoints
+from loraforge.api.routes import (
+    chat_completions,
+    files,
+    fine_tuning_jobs,
+    models,
+    operations,
+    uploads,
+    webhook_endpoints,
+)
 from loraforge.api.schemas.common import HealthStatus
 from loraforge.catalog import load_catalog
 from loraforge.contracts.dispatch import Dispatcher
 from loraforge.contracts.envelope import error_body
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
 from loraforge.engines import EngineFleet
+from loraforge.ops.api_metrics import ApiMetrics
+from loraforge.ops.metrics import RequestTimer
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.web import mount_web
@@ -87,6 +97,11 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     def health() -> HealthStatus:
         return HealthStatus()
 
+    # /healthz, /readyz, /metrics (``loraforge.ops``).
+    app.include_router(operations.router)
     # The web platform at `/` (static pages calling /v1 with the user's key).
     mount_web(app)
+    # Outermost, so every request is timed, refused ones included.
+    app.state.metrics = ApiMetrics()
+    app.add_middleware(RequestTimer, histogram=app.state.metrics.requests)
     return app
