@@ -19,6 +19,14 @@ from loraforge.errors import LoraforgeError
 
 log = logging.getLogger(__name__)
 
+# The ``code`` of errors Starlette raises itself (every error carries a code).
+HTTP_CODES = {
+    400: "invalid_request",
+    404: "unknown_url",
+    405: "method_not_allowed",
+    413: "request_too_large",
+}
+
 
 async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, LoraforgeError)
@@ -32,17 +40,22 @@ async def _domain_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    msg, param = validation_error(exc.errors())
-    return JSONResponse(error_body(msg, "invalid_request_error", param, None), status_code=400)
+    msg, param, code = validation_error(exc.errors())
+    return JSONResponse(error_body(msg, "invalid_request_error", param, code), status_code=400)
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    # Starlette's own (unknown URL, wrong method, a body FastAPI could not parse) and
+    # ``BadJSONValue``, which carries its own param and code.
     assert isinstance(exc, StarletteHTTPException)
     message = exc.detail if isinstance(exc.detail, str) else "Request failed"
+    code = getattr(exc, "code", None) or HTTP_CODES.get(exc.status_code, "invalid_request")
     if exc.status_code == 404:
         message = "Unknown request URL. Please check the URL and method."
+    elif exc.status_code == 405:
+        message = "This URL does not accept that method. Please check the URL and method."
     return JSONResponse(
-        error_body(message, "invalid_request_error", None, None),
+        error_body(message, "invalid_request_error", getattr(exc, "param", None), code),
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )
@@ -51,7 +64,9 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse(
-        error_body("The server had an error while processing your request.", "server_error"),
+        error_body(
+            "The server had an error while processing your request.", "server_error", None, "server_error"
+        ),
         status_code=500,
     )
 

@@ -42,7 +42,7 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraforge.api.deps import OrgDep, Services, ServicesDep, SessionDep
-from loraforge.api.errors import error_body
+from loraforge.contracts.envelope import server_error_body
 from loraforge.db.models import IdempotencyKey
 from loraforge.db.session import session_scope
 from loraforge.errors import InvalidRequestError, LoraforgeError
@@ -216,9 +216,7 @@ def _finish(services: Services, holder: _Holder, status: int, body: bytes) -> No
 
 
 # What ServerErrorMiddleware answers for an unhandled exception (api/errors.py ``_unexpected``).
-_SERVER_ERROR = json.dumps(
-    error_body("The server had an error while processing your request.", "server_error")
-).encode()
+_SERVER_ERROR = json.dumps(server_error_body()).encode()
 
 
 class IdempotencyMiddleware:

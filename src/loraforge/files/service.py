@@ -77,7 +77,9 @@ def check_purpose_and_name(purpose: str, filename: str, *, param: str) -> None:
     """Refuse an unknown purpose, or a fine-tune file that is not ``.jsonl`` (reported as ``param``)."""
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequestError(
-            f"'{purpose}' is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'", param="purpose"
+            f"'{purpose}' is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'",
+            param="purpose",
+            code="invalid_purpose",
         )
     if purpose == "fine-tune" and not filename.endswith(".jsonl"):
         raise InvalidRequestError(

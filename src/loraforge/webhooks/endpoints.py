@@ -46,12 +46,15 @@ def check_event_types(event_types: list[str]) -> list[str]:
         InvalidRequestError: empty, or a type this service never sends.
     """
     if not event_types:
-        raise InvalidRequestError("event_types must name at least one event type.", param="event_types")
+        raise InvalidRequestError(
+            "event_types must name at least one event type.", param="event_types", code="invalid_event_type"
+        )
     unknown = [t for t in event_types if t not in JOB_EVENT_TYPES]
     if unknown:
         raise InvalidRequestError(
             f"Unsupported event type(s): {', '.join(unknown)}. Supported: {', '.join(JOB_EVENT_TYPES)}.",
             param="event_types",
+            code="invalid_event_type",
         )
     return list(dict.fromkeys(event_types))
 

@@ -9,6 +9,7 @@ from fastapi.responses import StreamingResponse
 
 from loraforge.adapters import export, registry
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.downloads import content_disposition
 from loraforge.api.schemas.models import (
     AnyModel,
     DeleteModelResponse,
@@ -17,9 +18,10 @@ from loraforge.api.schemas.models import (
     checkpoint_model_public,
     fine_tuned_model_public,
 )
+from loraforge.asgi import StrictJSONRoute
 from loraforge.errors import InvalidRequestError
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=StrictJSONRoute)
 
 
 @router.get("")
@@ -43,7 +45,9 @@ def export_model(
     """Download one of the caller's fine-tuned (or checkpoint) models as a tar: PEFT or merged weights."""
     if services.catalog.get(model) is not None:
         raise InvalidRequestError(
-            f"`{model}` is a base model; only fine-tuned models are exported.", param="model"
+            f"`{model}` is a base model; only fine-tuned models are exported.",
+            param="model",
+            code="base_model_not_exportable",
         )
     filename, entries = export.export_archive(
         services.settings, services.catalog, registry.resolve(session, org, model), export_format
@@ -51,7 +55,7 @@ def export_model(
     return StreamingResponse(
         export.tar_stream(entries),
         media_type="application/x-tar",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        headers={"Content-Disposition": content_disposition(filename)},
     )
 
 
@@ -71,7 +75,9 @@ def retrieve_model(services: ServicesDep, session: SessionDep, org: OrgDep, mode
 def delete_model(services: ServicesDep, session: SessionDep, org: OrgDep, model: str) -> DeleteModelResponse:
     """Delete one of the caller's fine-tuned models and unload it from the engines."""
     if services.catalog.get(model) is not None:
-        raise InvalidRequestError(f"The base model `{model}` cannot be deleted.", param="model")
+        raise InvalidRequestError(
+            f"The base model `{model}` cannot be deleted.", param="model", code="base_model_not_deletable"
+        )
     removed = registry.delete_fine_tuned_model(session, org, model)
     session.commit()
     services.engines.unload(removed.base_model, [removed.id])

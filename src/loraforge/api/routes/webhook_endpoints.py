@@ -23,9 +23,10 @@ from loraforge.api.schemas.webhooks import (
     webhook_endpoint_public,
     webhook_endpoint_with_secret,
 )
+from loraforge.asgi import StrictJSONRoute
 from loraforge.webhooks import JOB_EVENT_TYPES, endpoints
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], route_class=StrictJSONRoute)
 
 
 @router.post("/webhook_endpoints", dependencies=[Depends(idempotency)])
