@@ -5,7 +5,8 @@ into floats that then pass range checks they should fail (``NaN >= 0`` is false,
 ``NaN < 0``), travel in fields nobody validates (an unknown chat parameter relayed to the
 engine) and make ``json.dumps`` or an HTTP client raise later: a 500 for what is the client's
 mistake. :class:`StrictJSONRoute` parses request bodies with :func:`loads_strict`, which answers
-such a body with a 400 naming the parameter. A number too long for Python to convert (over 4,300 digits) is refused the same way.
+such a body with a 400 naming the parameter. A number too long for Python to convert (over 4,300
+digits) is refused the same way.
 """
 
 from __future__ import annotations
