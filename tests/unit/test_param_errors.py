@@ -7,13 +7,21 @@ relays unchanged; here the engine's app is asked directly).
 
 from __future__ import annotations
 
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from loraforge.api.app import create_app
+from loraforge.db.session import make_engine, make_sessionmaker, session_scope
+from loraforge.orgs import create_api_key, get_or_create_org
 from loraforge.serving.app import create_engine_app
+from loraforge.settings import Settings
+from tests.conftest import TEST_POOLS, RecordingDispatcher, _error_has_code
 
 TINY = "loraforge/tiny-llama"
 BASE = {"model": TINY, "training_file": "file-abc"}
@@ -52,6 +60,23 @@ HYPER_CASES: list[tuple[str, Any, str, str]] = [
 ]
 
 
+@pytest.fixture(scope="module")
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, migrated_sqlite: Path
+) -> Iterator[tuple[TestClient, str]]:
+    """One app and key for the whole table: requests are refused before anything is stored."""
+    settings = Settings(home=tmp_path_factory.mktemp("params") / "home", train_pools=TEST_POOLS)
+    settings.home.mkdir(parents=True)
+    shutil.copyfile(migrated_sqlite, settings.home / "loraforge.sqlite")
+    engine = make_engine(settings)
+    with session_scope(make_sessionmaker(engine)) as session:
+        key = create_api_key(session, get_or_create_org(session, "acme", None))
+    engine.dispose()
+    with TestClient(create_app(settings, dispatcher=RecordingDispatcher())) as client:
+        client.event_hooks["response"].append(_error_has_code)
+        yield client, key
+
+
 def _post(api: TestClient, key: str, body: dict[str, Any]) -> dict[str, Any]:
     resp = api.post("/v1/fine_tuning/jobs", json=body, headers={"authorization": f"Bearer {key}"})
     assert resp.status_code == 400, resp.text
@@ -60,10 +85,10 @@ def _post(api: TestClient, key: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("fields", "param", "allowed", "got"), JOB_CASES)
-def test_job_parameters(  # type: ignore[no-untyped-def]
-    api: TestClient, make_key, fields: dict[str, Any], param: str, allowed: str, got: str
+def test_job_parameters(
+    shared: tuple[TestClient, str], fields: dict[str, Any], param: str, allowed: str, got: str
 ) -> None:
-    error = _post(api, make_key("acme"), {**BASE, **fields})
+    error = _post(*shared, {**BASE, **fields})
     assert error["param"] == param, error
     assert allowed in error["message"] and f"got {got}" in error["message"], error
     assert error["type"] == "invalid_request_error" and error["code"] in ("invalid_value", "invalid_type")
@@ -71,8 +96,8 @@ def test_job_parameters(  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize(("name", "value", "allowed", "got"), HYPER_CASES)
 @pytest.mark.parametrize("where", ["hyperparameters", "method.supervised.hyperparameters"])
-def test_hyperparameters(  # type: ignore[no-untyped-def]
-    api: TestClient, make_key, where: str, name: str, value: Any, allowed: str, got: str
+def test_hyperparameters(
+    shared: tuple[TestClient, str], where: str, name: str, value: Any, allowed: str, got: str
 ) -> None:
     hyper = {name: value}
     body = (
@@ -80,7 +105,7 @@ def test_hyperparameters(  # type: ignore[no-untyped-def]
         if where == "hyperparameters"
         else {**BASE, "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}}}
     )
-    error = _post(api, make_key("acme"), body)
+    error = _post(*shared, body)
     assert error["param"] == f"{where}.{name}", error
     message = error["message"]
     assert message.startswith(f"{where}.{name} must be {allowed}") and message.endswith(f"; got {got}"), error
