@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from loraforge.api.deps import Services
 from loraforge.api.errors import install_error_handlers
 from loraforge.api.idempotency import install_idempotency
+from loraforge.api.openapi import install_openapi
 from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models, uploads, webhook_endpoints
 from loraforge.api.schemas.common import HealthStatus
 from loraforge.api.security_headers import SecurityHeadersMiddleware
@@ -102,6 +103,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
 
     # The web platform at `/` (static pages calling /v1 with the user's key).
     mount_web(app)
+    install_openapi(app)
     # Outermost: every answer gets the headers, refusals by the middlewares included.
     app.add_middleware(SecurityHeadersMiddleware)
     return app
