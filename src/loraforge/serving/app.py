@@ -35,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraforge.asgi import BodyLimitMiddleware, StrictJSONRoute
 from loraforge.contracts.engine import (
     EngineHealth,
     LoadLoRAAdapterRequest,
@@ -67,6 +68,9 @@ if TYPE_CHECKING:
     from loraforge.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# The ``code`` of errors Starlette raises itself.
+_HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class ServingEngine(Protocol):
@@ -118,7 +122,7 @@ def check_api_key(request: Request) -> None:
 
 
 EngineDep = Annotated[ServingEngine, Depends(get_engine)]
-router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)], route_class=StrictJSONRoute)
 health_router = APIRouter()
 
 
@@ -252,7 +256,11 @@ async def _sse_events(
         yield _event(exc.to_envelope())
     except Exception:
         logger.exception("generation failed mid-stream")
-        yield _event(error_body("The server had an error while processing your request.", "server_error"))
+        yield _event(
+            error_body(
+                "The server had an error while processing your request.", "server_error", None, "server_error"
+            )
+        )
     finally:
         cancel.set()
 
@@ -281,8 +289,9 @@ async def metrics(request: Request) -> Response:
 # ------------------------------------------------------------------------------------- errors
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     # The API's reading of a failed validation, so both report the same ``param`` and message.
-    message, param = validation_error(exc.errors() if isinstance(exc, RequestValidationError) else [])
-    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    message, param, code = validation_error(errors)
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
 
 
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
@@ -292,13 +301,21 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    body = error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+    # Starlette's own (unknown URL, wrong method) and ``BadJSONValue`` (its own param and code).
+    body = error_body(
+        str(exc.detail),
+        "invalid_request_error" if exc.status_code < 500 else "server_error",
+        getattr(exc, "param", None),
+        getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "invalid_request"),
+    )
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = error_body("The server had an error while processing your request.", "server_error")
+    body = error_body(
+        "The server had an error while processing your request.", "server_error", None, "server_error"
+    )
     return JSONResponse(body, status_code=500)
 
 
@@ -310,6 +327,7 @@ def create_engine_app(
     title: str = "loraforge engine",
     metrics: EngineMetrics | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
+    max_request_bytes: int | None = None,
 ) -> FastAPI:
     """Build the engine's FastAPI app.
 
@@ -322,6 +340,8 @@ def create_engine_app(
             default: a fresh one.
         on_load_failure: called with the error when the factory fails (``run_engine`` stops
             the server); the app keeps answering 503 with the reason either way.
+        max_request_bytes: refuse request bodies over this many bytes with a 413 before
+            parsing them (None: no limit).
 
     Returns:
         The app; serve it with uvicorn (see :func:`run_engine`).
@@ -366,6 +386,8 @@ def create_engine_app(
     app.add_exception_handler(Exception, _unhandled_error)
     app.include_router(router)
     app.include_router(health_router)
+    if max_request_bytes is not None:
+        app.add_middleware(BodyLimitMiddleware, limit=max_request_bytes)
     app.add_middleware(RequestTimer, histogram=app.state.metrics.requests)
     return app
 
@@ -426,7 +448,13 @@ def run_engine(
         failed.append(exc)
         server.should_exit = True
 
-    app = create_engine_app(factory, api_key=api_key, metrics=metrics, on_load_failure=stop)
+    app = create_engine_app(
+        factory,
+        api_key=api_key,
+        metrics=metrics,
+        on_load_failure=stop,
+        max_request_bytes=settings.max_request_bytes,
+    )
     config = uvicorn.Config(
         app, host=host or settings.engine_host, port=port or settings.engine_port, log_level=log_level
     )

@@ -28,7 +28,7 @@ from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
 from loraforge.serving.adapter_host import AdapterHost
 from loraforge.serving.batching import BatchScheduler, Pending
-from loraforge.serving.chat import normalize_messages
+from loraforge.serving.chat import check_prompt_size, max_prompt_chars, normalize_messages
 from loraforge.serving.errors import (
     AdapterConflict,
     AdapterNotLoaded,
@@ -102,6 +102,8 @@ class Engine:
         self._name_locks: dict[str, threading.Lock] = {}
         self._name_locks_guard = threading.Lock()
         self._base_eos, self._base_stop = split_stop_tokens(tokenizer.get_vocab(), entry.stop_tokens)
+        # Prompts longer than this are refused before the tokenizer (and its lock) sees them.
+        self._max_prompt_chars = max_prompt_chars(tokenizer.get_vocab(), entry.context_length)
         self.scheduler = BatchScheduler(
             self._run_batch, max_batch_size=max_batch_size, window_s=batch_window_s
         )
@@ -255,6 +257,7 @@ class Engine:
         else:
             template, eos_ids, stops = adapter.chat_template, adapter.eos_ids, adapter.stop_strings
         chat = normalize_messages(messages)
+        check_prompt_size(chat, self._max_prompt_chars, self.entry.context_length)
         try:
             with self._tokenizer_lock:
                 encoded = self._tokenizer.apply_chat_template(
@@ -269,6 +272,7 @@ class Engine:
                 f"This model's maximum context length is {self.entry.context_length} tokens. "
                 f"However, your messages resulted in {len(input_ids)} tokens.",
                 param="messages",
+                code="context_length_exceeded",
             )
         extra_stop = [stop] if isinstance(stop, str) else list(stop or [])
         return GenerationRequest(
