@@ -19,6 +19,7 @@ a reader would trust.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -35,7 +36,7 @@ from loraforge.db.models import Job
 from loraforge.db.session import session_scope
 from loraforge.engines import fleet_for
 from loraforge.jobs import checkpoints
-from loraforge.jobs.state import JobStatus, add_event
+from loraforge.jobs.state import JobStatus, add_event, transition
 from loraforge.settings import Settings
 from loraforge.storage import (
     adapter_key,
@@ -120,6 +121,27 @@ def restore_checkpoint(settings: Settings, sessions: sessionmaker[Session], job_
     return step
 
 
+def store_unreachable(exc: BaseException) -> bool:
+    """An object store that does not answer (not a missing file): the job should wait, not fail."""
+    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
+
+
+def give_back(sessions: sessionmaker[Session], job_id: str, wid: str, exc: BaseException) -> None:
+    """Give the job back (``running`` -> ``queued``): its task is sent again by the reaper after
+    ``requeue_after_seconds``, when the object store may answer again."""
+    log.error("job %s: the object store failed while starting the run: %r", job_id, exc, exc_info=exc)
+    with session_scope(sessions) as session:
+        transition(
+            session,
+            job_id,
+            JobStatus.QUEUED,
+            f"Could not read the job's files or checkpoint from the object store ({type(exc).__name__}); "
+            "the job stays queued and is retried.",
+            level="warn",
+            expect={"worker_id": wid},
+        )
+
+
 def publish_adapter(settings: Settings, job_id: str, local_dir: Path, attempts: int = 4) -> str:
     """Upload a finished adapter directory; return its key (what the registry stores).
 
@@ -163,12 +185,17 @@ class CheckpointMirror:
         settings: this worker's settings.
         sessions: the database (epoch checkpoints are recorded once uploaded).
         job_id: the job.
+        keep: epoch checkpoints kept in the store (the spec's ``keep_checkpoints``).
     """
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], job_id: str, keep: int = 3
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.job_id = job_id
+        self.keep = keep
+        self._kinds: dict[str, str] = {}
         self._queue: Queue[CheckpointEvent | None] = Queue()
         self._thread: threading.Thread | None = None
         self._aborted = threading.Event()
@@ -234,9 +261,38 @@ class CheckpointMirror:
             log.info("job %s: checkpoint %s was pruned before its upload", self.job_id, local.name)
             return
         self.uploaded.append(event.step)
-        self._sweep_partial(store, event.step)
+        self._kinds[local.name] = event.kind
+        self._prune(store, event.step)
         if event.kind == "epoch":
             self._record(event, key)
+
+    def _kind(self, store: BlobStore, name: str) -> str:
+        """``epoch`` or ``pause``: as this run uploaded it, else from its stored ``checkpoint.json``."""
+        if name not in self._kinds:
+            try:
+                raw = json.loads(
+                    store.read_bytes(f"{checkpoints_prefix(self.job_id)}/{name}/{artefacts.CHECKPOINT_INFO}")
+                )
+                self._kinds[name] = str(raw.get("kind", "epoch"))
+            except (OSError, ValueError):
+                self._kinds[name] = "epoch"
+        return self._kinds[name]
+
+    def _prune(self, store: BlobStore, newest: int) -> None:
+        """The store keeps what the trainer keeps: the newest ``keep`` epoch checkpoints, and no
+        pause checkpoint older than the newest. Applied to the store itself, not only to what the
+        trainer reports removed: a trainer killed mid-prune, or a run on another host, leaves
+        stored checkpoints no local prune will ever name."""
+        prefix = checkpoints_prefix(self.job_id)
+        stored = sorted(
+            (step, name) for name in sealed_children(store, prefix) if (step := _step(name)) is not None
+        )
+        epochs = [name for _, name in stored if self._kind(store, name) == "epoch"]
+        doomed = epochs[: -self.keep] if len(epochs) > self.keep else []
+        doomed += [name for step, name in stored if step < newest and self._kind(store, name) == "pause"]
+        for name in doomed:
+            delete_dir(store, f"{prefix}/{name}")
+        self._sweep_partial(store, newest)
 
     def _sweep_partial(self, store: BlobStore, step: int) -> None:
         """Remove older uploads that were never sealed (a host died mid-upload)."""

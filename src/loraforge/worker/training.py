@@ -13,7 +13,9 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -31,6 +33,7 @@ from loraforge.ids import now
 from loraforge.jobs import file_checks
 from loraforge.jobs.naming import fine_tuned_model_name
 from loraforge.jobs.state import JobStatus, add_event, fail, transition
+from loraforge.ops.metrics import worker_metrics
 from loraforge.settings import Settings
 from loraforge.storage import adapter_key, open_store
 from loraforge.storage.sealed import delete_dir
@@ -40,6 +43,17 @@ from loraforge.worker.progress import RunProgress
 from loraforge.worker.trainer_process import TrainerProcess
 
 log = logging.getLogger(__name__)
+
+
+# Set when this worker process shuts down (SIGTERM: ``loraforge serve`` stopping, a deploy): each
+# running job's trainer is stopped and the job handed back to the queue at once, to resume from
+# its newest checkpoint on whichever worker takes it, instead of waiting out its lease.
+_shutting_down = threading.Event()
+
+
+def begin_shutdown() -> None:
+    """Hand every job this process runs back to the queue (see ``_shutting_down``)."""
+    _shutting_down.set()
 
 
 def worker_id() -> str:
@@ -116,9 +130,9 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
         try:
             spec = job_spec.write_spec(settings, session, job, folder)
         except Exception as exc:  # noqa: BLE001 - any reason the run cannot start fails the job
-            if _store_unreachable(exc):
+            if store_sync.store_unreachable(exc):
                 session.rollback()
-                _requeue(sessions, job_id, wid, exc)
+                store_sync.give_back(sessions, job_id, wid, exc)
                 return None
             log.exception("job %s: could not prepare the run", job_id)
             if isinstance(exc, ModelNotFoundError):
@@ -133,34 +147,17 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
         # checkpoint comes from the store, and the trainer resumes from it.
         store_sync.restore_checkpoint(settings, sessions, job_id)
     except Exception as exc:  # noqa: BLE001 - the store is the job's memory: wait for it
-        _requeue(sessions, job_id, wid, exc)
+        store_sync.give_back(sessions, job_id, wid, exc)
         return None
     return spec
 
 
-def _store_unreachable(exc: BaseException) -> bool:
-    """An object store that does not answer (not a missing file): the job should wait, not fail."""
-    return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError)
-
-
-def _requeue(sessions: sessionmaker[Session], job_id: str, wid: str, exc: BaseException) -> None:
-    """Give the job back (``running`` -> ``queued``): its task is sent again by the reaper after
-    ``requeue_after_seconds``, when the object store may answer again."""
-    log.error("job %s: the object store failed while starting the run: %r", job_id, exc, exc_info=exc)
-    with session_scope(sessions) as session:
-        transition(
-            session,
-            job_id,
-            JobStatus.QUEUED,
-            f"Could not read the job's files or checkpoint from the object store ({type(exc).__name__}); "
-            "the job stays queued and is retried.",
-            level="warn",
-            expect={"worker_id": wid},
-        )
-
-
 def run_training(
-    settings: Settings, sessions: sessionmaker[Session], job_id: str, wait_token: int | None = None
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    job_id: str,
+    wait_token: int | None = None,
+    requeue: Callable[[str], None] | None = None,
 ) -> int | None:
     """``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``paused``, once its GPUs are free.
 
@@ -172,6 +169,8 @@ def run_training(
         sessions: the database.
         job_id: the job.
         wait_token: what the previous copy of this task returned, if it was a re-send.
+        requeue: sends the job's train task again, after the job was handed back to the queue
+            because this worker is shutting down (:func:`begin_shutdown`).
 
     Returns:
         None, or, when the job waits for GPUs, the token the re-sent train task must carry.
@@ -180,35 +179,42 @@ def run_training(
     if admitted.wait:
         return admission.keep_waiting(sessions, job_id, wait_token)
     try:
-        _run(settings, sessions, job_id, admitted.lease)
+        if _run(settings, sessions, job_id, admitted.lease) and requeue is not None:
+            requeue(job_id)
     finally:
         if admitted.lease is not None:
             admitted.lease.release()  # the trainer has exited: the GPUs are free again
     return None
 
 
-def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease: GpuLease | None) -> None:
+def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease: GpuLease | None) -> bool:
     """Start the job and supervise its trainer, on the ``lease``d GPUs if it has any.
 
     Polls the database every ``cancel_poll_seconds``: renews the lease every
     ``heartbeat_seconds``, stops the trainer when the job was cancelled or taken over, and asks it
     for a pause checkpoint when a pause was requested. A job that was running before (crash,
     pause) continues from its newest checkpoint: the trainer finds it in the checkpoint directory.
+
+    Returns:
+        True when the job was handed back to the queue because this worker is shutting down
+        (its train task must be sent again).
     """
     wid = worker_id()
     spec_path = _start(settings, sessions, job_id, wid)
     if spec_path is None:
-        return
+        return False
     folder = artefacts.run_dir(settings, job_id)
     # One process, or `accelerate launch` with one process per GPU when the plan shards (FSDP).
-    plan = load_spec(spec_path).plan
+    spec = load_spec(spec_path)
+    plan = spec.plan
     port = lease.rendezvous_port() if lease else None
     cmd = launch_command(
         spec_path, plan, python=settings.trainer_python or sys.executable, main_process_port=port
     )
     env = lease.env() if lease else {}
     trainer = TrainerProcess(cmd, folder / "trainer.log", folder / artefacts.PAUSE_FILE, env=env)
-    run = RunProgress(settings, sessions, job_id)
+    run = RunProgress(settings, sessions, job_id, keep_checkpoints=spec.keep_checkpoints)
+    worker_metrics().running.inc()
     pause_deadline: float | None = None
     last_check = last_beat = time.monotonic()
     try:
@@ -226,7 +232,12 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
                 trainer.stop()
                 run.mirror.abort()
                 _abandon(settings, sessions, job_id)
-                return
+                return False
+            if _shutting_down.is_set():
+                trainer.stop()
+                # What the trainer saved must be in the store for whoever takes the job next.
+                run.mirror.drain(lambda: _poll(sessions, job_id, wid, beat=True) != _LOST, 0.5)
+                return _hand_back(sessions, job_id, wid)
             if state == _PAUSE and pause_deadline is None:
                 trainer.request_pause()
                 pause_deadline = clock + settings.pause_timeout_seconds
@@ -238,14 +249,16 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
     finally:
         trainer.stop()
         trainer.close()
+        run.close()
+        worker_metrics().running.dec()
     # The last checkpoints (a pause's above all) must be in the store before the job moves on.
     still_ours = lambda: _poll(sessions, job_id, wid, beat=True) != _LOST  # noqa: E731
     if not run.mirror.drain(still_ours, settings.cancel_poll_seconds):
         _abandon(settings, sessions, job_id)
-        return
+        return False
     if run.done is None and run.error is None and (run.paused is not None or pause_deadline is not None):
         _pause(settings, sessions, job_id, wid, run)
-        return
+        return False
     try:
         _finish(settings, sessions, job_id, wid, run, trainer.proc.returncode)
     except Exception as exc:  # noqa: BLE001 - a job must end somewhere, not stay "running"
@@ -257,6 +270,42 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
             wid,
             JobError(code="training_error", message=f"Recording the result failed: {exc}"),
         )
+    return False
+
+
+def _hand_back(sessions: sessionmaker[Session], job_id: str, wid: str) -> bool:
+    """This worker is shutting down: ``running`` -> ``queued`` (``paused`` if a pause was asked).
+
+    Returns:
+        True if the job is queued again (its task must be sent), False otherwise.
+    """
+    with session_scope(sessions) as session:
+        pause = session.execute(select(Job.pause_requested).where(Job.id == job_id)).scalar_one()
+        target = JobStatus.PAUSED if pause else JobStatus.QUEUED
+        ok = transition(
+            session,
+            job_id,
+            target,
+            f"The worker running this job ({wid}) is shutting down; "
+            + ("paused, as requested" if pause else "re-queued to resume from its last checkpoint"),
+            level="warn",
+            expect={"worker_id": wid},
+            event_data={"worker_id": wid},
+            pause_requested=False,
+            estimated_finish=None,
+        )
+    log.warning("job %s: this worker is shutting down; handed back (%s)", job_id, target.value)
+    return ok and target == JobStatus.QUEUED
+
+
+def _observe_end(sessions: sessionmaker[Session], job_id: str) -> None:
+    """Record a job this worker ran reaching its final state, for ``loraforge_job_duration_seconds``."""
+    with session_scope(sessions) as session:
+        row = session.execute(
+            select(Job.status, Job.started_at, Job.finished_at).where(Job.id == job_id)
+        ).one_or_none()
+    if row is not None and row.started_at is not None:
+        worker_metrics().job_ended(row.status, (row.finished_at or now()) - row.started_at)
 
 
 def _abandon(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
@@ -264,6 +313,7 @@ def _abandon(settings: Settings, sessions: sessionmaker[Session], job_id: str) -
     with session_scope(sessions) as session:
         status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
     if status == JobStatus.CANCELLED.value:
+        _observe_end(sessions, job_id)
         artefacts.remove_job_artefacts(settings, sessions, job_id)
         log.info("job %s was cancelled; trainer stopped and its files removed", job_id)
     else:
@@ -308,6 +358,7 @@ def _fail(
     with session_scope(sessions) as session:
         ok = fail(session, job_id, error, expect={"worker_id": wid})
     if ok:
+        _observe_end(sessions, job_id)
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
         delete_dir(open_store(settings), adapter_key(job_id))
     else:
@@ -361,6 +412,7 @@ def _finish(
             results.discard_results(blobs, record)
             registry.delete_fine_tuned_model_by_name(session, name)
     if ok:
+        _observe_end(sessions, job_id)
         store_sync.strip_training_state(settings, job_id)
     else:
         fleet_for(settings).unload(model.base_model, [model.id])
