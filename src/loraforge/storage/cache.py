@@ -221,7 +221,13 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         tmp.rename(final)
         shutil.rmtree(trash, ignore_errors=True)
     else:
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            # Another process (the engine and a worker share a home under ``serve``) put the same
+            # sealed directory there first: keep its copy.
+            if not final.is_dir():
+                raise
 
 
 __all__ = ["LocalCache", "StorageIntegrityError"]
