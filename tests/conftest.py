@@ -14,6 +14,7 @@ from loraforge.api.app import create_app
 from loraforge.db.session import make_engine, make_sessionmaker, migrate, session_scope
 from loraforge.orgs import create_api_key, get_or_create_org
 from loraforge.settings import Settings, TrainPool
+from tests.s3 import S3Server, start_s3
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,3 +119,13 @@ def make_key(settings: Settings):  # type: ignore[no-untyped-def]
 
     yield make
     engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3 server on a loopback port, for the session (``tests/s3.py``)."""
+    server = start_s3(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import sys
@@ -188,6 +189,10 @@ def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
     detected). Marking pools "unknown" instead would need every planner caller to handle a third
     state, for a condition (a wedged driver) that needs the operator anyway.
 
+    Without ``LORAFORGE_ENGINE_API_KEY``, a random engine key is made here and given to all three:
+    the engine then answers only the API and the worker, never another local process that finds
+    its port (the engine loads adapters on request).
+
     Args:
         settings: this process's settings.
 
@@ -203,6 +208,8 @@ def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
     layout = serve_layout(settings, load_catalog(settings.models_config).get(settings.serve_base_model))
     pools = json.dumps([pool.model_dump(mode="json") for pool in layout.pools])
     common = {**os.environ, "LORAFORGE_TRAIN_POOLS": pools}
+    if not settings.engine_api_key:
+        common["LORAFORGE_ENGINE_API_KEY"] = secrets.token_urlsafe(32)
     return {"engine": {**common, **layout.engine_env}, "worker": common, "api": common}
 
 

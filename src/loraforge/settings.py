@@ -60,6 +60,15 @@ class Settings(BaseSettings):
     database_url: str = ""
     # Empty means kombu's filesystem transport under ``home`` (no server); ``redis://...`` for Redis.
     broker_url: str = ""
+    # Where everything durable lives (files, upload parts, checkpoints, adapters, result files,
+    # exports): empty means the folder ``home/blobs``; ``s3://bucket/prefix`` an S3-compatible
+    # object store, reached with the standard AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+    # AWS_SECRET_ACCESS_KEY and AWS_DEFAULT_REGION. Every machine of a deployment sets the same.
+    storage_url: str = ""
+    # Redis/SQS brokers hand an unacknowledged task to another worker after this long; a training
+    # task stays unacknowledged for the whole run, and the job's lease in the database keeps the
+    # copy from starting a second trainer (``worker/training.py``).
+    broker_visibility_timeout_seconds: float = 3600.0
     # Where the model catalog lives; empty means the ``configs/models.yaml`` shipped with the package.
     models_config: Path | None = None
 
@@ -191,14 +200,27 @@ class Settings(BaseSettings):
 
     @property
     def blobs_dir(self) -> Path:
+        """The blob store's folder in the embedded default (unused with an object store)."""
         return self.home / "blobs"
 
     @property
+    def blob_store_url(self) -> str:
+        """``storage_url``, or the local folder of the embedded default."""
+        return self.storage_url or str(self.blobs_dir)
+
+    @property
+    def cache_dir(self) -> Path:
+        """Local copies of store contents (training files, adapters); may be deleted any time."""
+        return self.home / "cache"
+
+    @property
     def adapters_dir(self) -> Path:
+        """Where trainers on this machine write final adapters before they go to the store."""
         return self.home / "adapters"
 
     @property
     def runs_dir(self) -> Path:
+        """Runs on this machine: spec, trainer log, local checkpoints (mirrored to the store)."""
         return self.home / "runs"
 
     @property
@@ -212,7 +234,7 @@ class Settings(BaseSettings):
 
     @property
     def exports_dir(self) -> Path:
-        """Cached model exports (merged weights), one folder per fine-tuning job."""
+        """Local copies of model exports (merged weights), one folder per fine-tuning job."""
         return self.home / "exports"
 
 

@@ -1,6 +1,9 @@
 """A live loraforge (``loraforge serve``: API + Celery worker + engine as real processes) per
-backend: the embedded default (SQLite + filesystem broker) and, when this machine runs them,
-PostgreSQL + Redis."""
+backend: the embedded default (SQLite + filesystem broker + a local blob folder) and the scale-out
+one, what a cluster runs: PostgreSQL + Redis + an S3 object store (moto's server, started by the
+tests on a loopback port). Without PostgreSQL or Redis on 127.0.0.1 the scale-out stack keeps
+SQLite and the filesystem broker but still stores everything in S3, so the object store is always
+covered."""
 
 from __future__ import annotations
 
@@ -10,12 +13,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import pytest
+
+from tests.s3 import S3Server
 
 PG_ADMIN_URL = os.environ.get("LORAFORGE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LORAFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
@@ -40,7 +45,9 @@ def reachable(host: str, port: int) -> bool:
 class Stack:
     """A running ``loraforge serve`` and how to reach it."""
 
-    backend: str  # "embedded" (SQLite + filesystem broker) or "postgres-redis"
+    # "embedded" (SQLite + filesystem broker + local folder), or the scale-out stack:
+    # "postgres-redis-s3", or "sqlite-filesystem-s3" where PostgreSQL or Redis is missing.
+    backend: str
     home: Path
     env: dict[str, str]
     api_url: str
@@ -92,7 +99,7 @@ def _wait_healthy(stack: Stack) -> None:
     pytest.fail(f"loraforge serve not healthy after {START_TIMEOUT}s:\n{stack.log_tail()}")
 
 
-def _postgres_database() -> tuple[str, callable] | None:
+def _postgres_database() -> tuple[str, Callable[[], None]] | None:
     """A fresh PostgreSQL database and a function that drops it, or None if unreachable."""
     if not reachable("127.0.0.1", 5432):
         return None
@@ -142,7 +149,7 @@ def start_stack(home: Path, extra_env: dict[str, str], backend: str = "embedded"
 
 
 def only_embedded(stack: Stack) -> None:
-    """Skip on the PostgreSQL + Redis stack: for tests whose subject does not depend on the backend."""
+    """Skip on the scale-out stack: for tests whose subject does not depend on the backend."""
     if stack.backend != "embedded":
         pytest.skip("backend-independent; runs on the embedded stack only")
 
@@ -156,23 +163,36 @@ def stop_stack(stack: Stack) -> None:
             stack.proc.kill()
 
 
-@pytest.fixture(scope="session", params=["embedded", "postgres-redis"])
+def scale_out_env(s3: S3Server) -> tuple[str, dict[str, str], Callable[[], None] | None]:
+    """The scale-out backend's settings: S3 always; PostgreSQL and Redis when they answer.
+
+    Returns:
+        The backend's name, its environment and a clean-up function (None: nothing to clean).
+    """
+    env = {**s3.env, "LORAFORGE_STORAGE_URL": s3.new_url("stack")}
+    db = _postgres_database() if reachable("127.0.0.1", 6379) else None
+    if db is None:
+        return "sqlite-filesystem-s3", env, None
+    url, cleanup = db
+    import redis
+
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    return (
+        "postgres-redis-s3",
+        {**env, "LORAFORGE_DATABASE_URL": url, "LORAFORGE_BROKER_URL": REDIS_URL},
+        cleanup,
+    )
+
+
+@pytest.fixture(scope="session", params=["embedded", "scale-out"])
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The live service, once per backend."""
     extra: dict[str, str] = {}
     cleanup = None
-    if request.param == "postgres-redis":
-        if not reachable("127.0.0.1", 6379):
-            pytest.skip("Redis is not running on 127.0.0.1:6379")
-        db = _postgres_database()
-        if db is None:
-            pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432 (or cannot create a database)")
-        url, cleanup = db
-        import redis
-
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        extra = {"LORAFORGE_DATABASE_URL": url, "LORAFORGE_BROKER_URL": REDIS_URL}
-    stack = start_stack(tmp_path_factory.mktemp(f"home-{request.param}"), extra, request.param)
+    backend = "embedded"
+    if request.param == "scale-out":
+        backend, extra, cleanup = scale_out_env(request.getfixturevalue("s3_server"))
+    stack = start_stack(tmp_path_factory.mktemp(f"home-{request.param}"), extra, backend)
     try:
         yield stack
     finally:

@@ -277,7 +277,12 @@ def test_cancel_running_job_stops_it_fast_and_leaves_nothing(stack: Stack) -> No
     assert cancelled.status == "cancelled"
     assert wait_no_trainer(job.id, timeout=10) < 10
     deadline = time.monotonic() + 10
-    leftovers = [stack.home / "adapters" / job.id, stack.home / "runs" / job.id / "checkpoints"]
+    leftovers = [
+        stack.home / "adapters" / job.id,
+        stack.home / "runs" / job.id / "checkpoints",
+        stack.home / "blobs" / "checkpoints" / job.id,  # the store (a folder on the embedded stack)
+        stack.home / "blobs" / "adapters" / job.id,
+    ]
     while any(p.exists() for p in leftovers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not [p for p in leftovers if p.exists()]

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 TINY = "loraforge/tiny-llama"
 ORG = "replica-trial-org"  # trial plan: one hosted model
+ENGINE_KEY = "replica-engine-key"
 
 
 @dataclass
@@ -73,6 +74,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         "LORAFORGE_ENGINES": json.dumps({TINY: urls}),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
+        # Both engines require it (serve would otherwise make one only its own children know).
+        "LORAFORGE_ENGINE_API_KEY": ENGINE_KEY,
     }
     log_path = home / "serve.log"
     stack = Stack("embedded", home, env, f"http://127.0.0.1:{api_port}", urls[0], log_path)
@@ -120,7 +123,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
 
 
 def _engine_sdk(url: str) -> OpenAI:
-    return OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    return OpenAI(base_url=f"{url}/v1", api_key=ENGINE_KEY, max_retries=0, timeout=60)
 
 
 def test_both_replicas_hold_the_adapter_and_answer_alike(replicas: Replicas) -> None:
@@ -141,7 +144,10 @@ def test_both_replicas_hold_the_adapter_and_answer_alike(replicas: Replicas) -> 
 def test_api_spreads_requests_and_reloads_a_replica_that_lost_the_adapter(replicas: Replicas) -> None:
     # Replica 2 "restarts" without the adapter; the API's hot-load on 404 must bring it back.
     assert httpx.post(
-        f"{replicas.urls[1]}/v1/unload_lora_adapter", json={"lora_name": replicas.model}, timeout=30
+        f"{replicas.urls[1]}/v1/unload_lora_adapter",
+        json={"lora_name": replicas.model},
+        headers={"Authorization": f"Bearer {ENGINE_KEY}"},
+        timeout=30,
     ).is_success
     before = [_health(u)["stats"]["requests"] for u in replicas.urls]
     for _ in range(4):

@@ -329,6 +329,8 @@ def test_checkpoint_rows_follow_pruning_after_a_kill_mid_prune(
         checkpointer.prune(root, keep=3, newest_step=20)  # killed: the worker never hears of 20
     for step in (25, 30, 35):  # the resumed run (from step 20)
         checkpoint(step)
+    # Rows are written once each checkpoint is in the blob store (uploaded in the background).
+    assert progress.mirror.drain(lambda: True, 0.1)
     with session_scope(sessions) as session:
         steps = session.execute(
             select(JobCheckpoint.step_number).where(JobCheckpoint.job_id == job_id)

@@ -23,14 +23,18 @@ from loraforge.catalog import load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
 from loraforge.engines import EngineClient, EngineRequestError
 from loraforge.ops.metrics import EngineMetrics
+from loraforge.serving.adapter_store import AdapterStore
 from loraforge.serving.app import create_engine_app, run_engine
 from loraforge.serving.engine import Engine, GenerationResult, load_engine
 from loraforge.serving.errors import AdapterNotLoaded, BaseModelMismatch, UnknownBaseModel
 from loraforge.settings import Settings
+from loraforge.storage import BlobStore, LocalCache
+from loraforge.storage.sealed import put_dir, unseal
 from tests.unit.lora_helpers import ANSWER, PROMPT, SYSTEM, train_adapter
 
 BASE = "loraforge/tiny-llama"
 ADAPTER = "ft:tiny-llama:refund:ftjob-test"
+REF = "adapters/ftjob-test"  # the adapter's key in the adapter store: what lora_path names
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +57,21 @@ def engine(tiny) -> Engine:
 
 
 @pytest.fixture(scope="module")
-def http(engine) -> TestClient:
-    return TestClient(create_engine_app(engine))
+def blobs(tiny, tmp_path_factory) -> BlobStore:
+    """The adapter store, holding the trained adapter under ``REF``."""
+    store = BlobStore(str(tmp_path_factory.mktemp("store")))
+    put_dir(store, tiny[2], REF)
+    return store
+
+
+@pytest.fixture(scope="module")
+def adapter_store(blobs, tmp_path_factory) -> AdapterStore:
+    return AdapterStore(LocalCache(blobs, tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture(scope="module")
+def http(engine, adapter_store) -> TestClient:
+    return TestClient(create_engine_app(engine, adapter_store=adapter_store))
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +81,7 @@ def sdk(http) -> OpenAI:
 
 @pytest.fixture(scope="module")
 def loaded(http, tiny) -> str:
-    response = http.post("/v1/load_lora_adapter", json={"lora_name": ADAPTER, "lora_path": str(tiny[2])})
+    response = http.post("/v1/load_lora_adapter", json={"lora_name": ADAPTER, "lora_path": REF})
     assert response.status_code == 200, response.text
     assert response.text == f"Success: LoRA adapter '{ADAPTER}' added successfully."
     return ADAPTER
@@ -77,13 +94,15 @@ def _sse_events(text: str) -> list[str]:
 
 
 def test_load_is_idempotent_and_listed(http, loaded, tiny):
-    again = http.post("/v1/load_lora_adapter", json={"lora_name": loaded, "lora_path": str(tiny[2])})
+    again = http.post("/v1/load_lora_adapter", json={"lora_name": loaded, "lora_path": REF})
     assert again.status_code == 200
     models = http.get("/v1/models").json()
     assert models["object"] == "list"
     cards = {card["id"]: card for card in models["data"]}
     assert cards[BASE]["object"] == "model" and isinstance(cards[BASE]["created"], int)
-    assert cards[loaded]["parent"] == BASE and cards[loaded]["root"] == str(tiny[2].resolve())
+    # No locations: an adapter's root is its name, not a directory or a key.
+    assert cards[loaded]["parent"] == BASE and cards[loaded]["root"] == loaded
+    assert str(tiny[2].parent) not in json.dumps(models)
     assert http.get(f"/v1/models/{loaded}").json()["id"] == loaded
     health = http.get("/health").json()
     assert {k: health[k] for k in ("status", "base_model", "adapters")} == {
@@ -154,10 +173,7 @@ def test_served_output_equals_peft_generate(engine, loaded, tiny):
 
 def test_unload_then_model_not_found(sdk, http, tiny):
     name = "ft:tiny-llama:temp:ftjob-unload"
-    assert (
-        http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(tiny[2])}).status_code
-        == 200
-    )
+    assert http.post("/v1/load_lora_adapter", json={"lora_name": name, "lora_path": REF}).status_code == 200
     response = http.post("/v1/unload_lora_adapter", json={"lora_name": name})
     assert (
         response.status_code == 200
@@ -242,25 +258,37 @@ def test_sampling_with_seed_is_reproducible(sdk):
     assert sample() == sample()
 
 
-def test_load_errors(http, tiny, tmp_path):
+def test_load_errors(http, tiny, blobs, tmp_path):
     def load(path: Path | str) -> tuple[int, dict]:
         response = http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(path)})
-        return response.status_code, response.json()["error"]
+        error = response.json()["error"]
+        # Never a location: not the store's folder, not the engine's cache, not the path sent.
+        assert str(tmp_path) not in error["message"] and blobs.root not in error["message"]
+        return response.status_code, error
 
-    assert load(tmp_path / "missing")[0] == 404
+    # Paths are refused, even the adapter's own directory: only store keys are loaded.
+    for path in (tiny[2], tmp_path / "missing", "../adapters/ftjob-test", "adapters/../../etc"):
+        status, error = load(path)
+        assert (status, error["code"], error["param"]) == (400, "invalid_lora_path", "lora_path"), path
+    status, error = load("adapters/ftjob-nothing-here")
+    assert (status, error["code"]) == (404, "adapter_not_found")
     other = tmp_path / "other-base"
     shutil.copytree(tiny[2], other)
     write_manifest(
         other, read_manifest(other).model_copy(update={"base_model": "meta-llama/Llama-3.1-8B-Instruct"})
     )
-    status, error = load(other)
+    put_dir(blobs, other, "adapters/ftjob-other")
+    status, error = load("adapters/ftjob-other")
     assert status == 400 and error["code"] == "base_model_mismatch"
     (other / "manifest.json").unlink()
-    status, error = load(other)
+    put_dir(blobs, other, "adapters/ftjob-nomanifest")
+    status, error = load("adapters/ftjob-nomanifest")
     assert status == 400 and error["code"] == "invalid_adapter"
+    unseal(blobs, "adapters/ftjob-other")  # an upload that never finished is not an adapter
+    assert load("adapters/ftjob-other")[0] == 404
     response = http.post("/v1/load_lora_adapter", json={"lora_name": "x"})
     assert response.status_code == 400 and response.json()["error"]["param"] == "lora_path"
-    response = http.post("/v1/load_lora_adapter", json={"lora_name": BASE, "lora_path": str(tiny[2])})
+    response = http.post("/v1/load_lora_adapter", json={"lora_name": BASE, "lora_path": REF})
     assert response.status_code == 400 and response.json()["error"]["code"] == "adapter_conflict"
 
 
@@ -393,8 +421,8 @@ def _serve(app) -> tuple[str, object, threading.Thread]:
 
 
 @pytest.mark.slow  # a live engine server
-def test_engine_client_against_live_server(engine, tiny):
-    url, server, thread = _serve(create_engine_app(engine))
+def test_engine_client_against_live_server(engine, adapter_store):
+    url, server, thread = _serve(create_engine_app(engine, adapter_store=adapter_store))
     name = "ft:tiny-llama:client:ftjob-client"
     payload = {"model": name, "messages": PROMPT, "temperature": 0}
 
@@ -406,7 +434,7 @@ def test_engine_client_against_live_server(engine, tiny):
                 async for _ in client.stream_chat(payload):
                     pass
             assert info.value.model_not_found
-            await client.load_adapter(name, tiny[2])
+            await client.load_adapter(name, REF)
             assert name in (await client.health()).adapters and name in await client.models()
             status, body = await client.chat(payload)
             assert status == 200 and body["choices"][0]["message"]["content"] == ANSWER
@@ -419,7 +447,7 @@ def test_engine_client_against_live_server(engine, tiny):
 
     try:
         asyncio.run(scenario())
-        EngineClient(url).load_adapter_sync(name, tiny[2])
+        EngineClient(url).load_adapter_sync(name, REF)
         assert name in engine.loaded_adapters()
         assert EngineClient(url).unload_adapter_sync(name) is True
     finally:

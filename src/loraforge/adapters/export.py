@@ -21,7 +21,9 @@ is refused rather than exported. What is written: the PEFT keys both loaders rea
 path, and ``inference_mode: true``. PEFT fills every other field with its defaults on load.
 
 Merged export (``format=merged``) runs ``python -m loraforge.adapters.merge`` in a subprocess
-(the API never imports torch) and caches the result next to the other exports.
+(the API never imports torch) once per model: the result is sealed into the blob store
+(``exports/{job_id}/{name}/merged``), and each API machine keeps a local copy under
+``$LORAFORGE_HOME/exports`` (fetched from the store when another machine built it).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from loraforge import storage
 from loraforge.adapters.format import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -49,6 +52,8 @@ from loraforge.adapters.format import (
 )
 from loraforge.catalog.catalog import BaseModelEntry, Catalog, ServingTarget
 from loraforge.errors import InvalidRequestError, ServiceUnavailableError
+from loraforge.storage.cache import StorageIntegrityError
+from loraforge.storage.sealed import is_sealed, put_dir
 
 if TYPE_CHECKING:  # the engine imports this module for serving_problems: keep it free of settings
     from loraforge.settings import Settings
@@ -332,24 +337,20 @@ def export_archive(
         InvalidRequestError: the adapter cannot be exported in a vLLM-compatible form.
         ServiceUnavailableError: the adapter is unreadable or the merge failed.
     """
-    adapter_dir = Path(model.adapter_path)
     try:
+        adapter_dir = storage.adapter_dir(settings, model.adapter_path)
         manifest = validate_adapter_dir(adapter_dir)
-    except InvalidAdapterError as exc:
-        raise ServiceUnavailableError(f"The adapter of `{model.name}` is not readable: {exc}") from exc
+    except (InvalidAdapterError, OSError, StorageIntegrityError) as exc:
+        # OSError: not in the store (or unreachable); the message names no path or key.
+        reason = exc if isinstance(exc, InvalidAdapterError) else "it could not be fetched from storage"
+        raise ServiceUnavailableError(f"The adapter of `{model.name}` is not readable: {reason}") from exc
     entry = catalog.get(model.base_model)
     if entry is None:
         raise ServiceUnavailableError(f"The base model `{model.base_model}` is no longer in the catalog.")
     try:
         if export_format == "peft":
             return archive_root(model.name) + ".tar", peft_export(adapter_dir, manifest, entry, model.name)
-        merged = ensure_merged(
-            adapter_dir,
-            settings.exports_dir / model.job_id / archive_root(model.name),
-            python=settings.trainer_python or sys.executable,
-            models_config=settings.models_config,
-            models_dir=settings.models_dir,
-        )
+        merged = _stored_merge(settings, model, adapter_dir)
     except AdapterExportError as exc:
         if export_format == "peft":
             raise InvalidRequestError(
@@ -359,6 +360,32 @@ def export_archive(
     return archive_root(model.name, "-merged") + ".tar", merged_export(merged, entry, model.name)
 
 
+def _stored_merge(settings: Settings, model: ExportableModel, adapter_dir: Path) -> Path:
+    """The merged weights of ``model``: this machine's copy, else the store's, else built now
+    (and sealed into the store for the other machines)."""
+    root = archive_root(model.name)
+    local = settings.exports_dir / model.job_id / root
+    key = f"{storage.EXPORTS}/{model.job_id}/{root}/merged"
+    store = storage.open_store(settings)
+    if not (local / "merged" / "config.json").is_file() and is_sealed(store, key):
+        try:
+            storage.local_cache(settings).copy_directory(key, local / "merged")
+        except (OSError, StorageIntegrityError):
+            shutil.rmtree(local / "merged", ignore_errors=True)  # built again below
+    built = not (local / "merged" / "config.json").is_file()
+    merged = ensure_merged(
+        adapter_dir,
+        local,
+        python=settings.trainer_python or sys.executable,
+        models_config=settings.models_config,
+        models_dir=settings.models_dir,
+    )
+    if built or not is_sealed(store, key):
+        put_dir(store, merged, key)
+    return merged
+
+
 def drop_cached_exports(settings: Settings, job_id: str) -> None:
-    """Remove the cached exports of a job's models (after its fine-tuned model is deleted)."""
+    """Remove the exports of a job's models, here and in the store (its model was deleted)."""
     shutil.rmtree(settings.exports_dir / job_id, ignore_errors=True)
+    storage.open_store(settings).delete_prefix(f"{storage.EXPORTS}/{job_id}")

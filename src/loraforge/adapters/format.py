@@ -66,20 +66,22 @@ def write_manifest(adapter_dir: Path, manifest: AdapterManifest) -> Path:
     return final
 
 
+# The messages below name files, never the directory: they reach users (export errors) and
+# engine clients, who must not learn where a machine keeps its adapters.
 def read_manifest(adapter_dir: Path) -> AdapterManifest:
     """Read and validate ``manifest.json`` from ``adapter_dir``."""
     path = adapter_dir / MANIFEST
     try:
         return AdapterManifest.model_validate(json.loads(path.read_text()))
     except FileNotFoundError as exc:
-        raise InvalidAdapterError(f"{adapter_dir} has no {MANIFEST}") from exc
+        raise InvalidAdapterError(f"the adapter has no {MANIFEST}") from exc
     except ValueError as exc:
-        raise InvalidAdapterError(f"{path} is not a valid manifest: {exc}") from exc
+        raise InvalidAdapterError(f"the adapter's {MANIFEST} is not valid: {exc}") from exc
 
 
 def validate_adapter_dir(adapter_dir: Path) -> AdapterManifest:
     """Check that ``adapter_dir`` holds the whole contract; return its manifest."""
     missing = [name for name in REQUIRED_FILES if not (adapter_dir / name).is_file()]
     if missing:
-        raise InvalidAdapterError(f"{adapter_dir} is missing {', '.join(missing)}")
+        raise InvalidAdapterError(f"the adapter is missing {', '.join(missing)}")
     return read_manifest(adapter_dir)

@@ -1,4 +1,8 @@
-"""The registry: public fine-tuned model names -> adapter directories, in the database.
+"""The registry: public fine-tuned model names -> adapters in the blob store, in the database.
+
+``adapter_path`` holds the adapter's store key (``adapters/{job_id}``, a sealed directory, see
+``loraforge.storage``); rows written before the object store hold a host path, still read on
+that host (and adopted into the store by a worker there, ``worker/legacy.py``).
 
 Users name adapters; they never send paths (vLLM's ``LoRARequest`` advice). Putting adapters on
 engines is ``loraforge.engines.EngineFleet``'s job; this module does no HTTP.
@@ -18,15 +22,26 @@ from loraforge.errors import ModelNotFoundError
 from loraforge.ids import now
 
 
-def register(session: Session, *, name: str, org_id: str, job_id: str, adapter_dir: Path) -> FineTunedModel:
-    """Record a finished adapter under its public ``name`` (the manifest must be valid)."""
+def register(
+    session: Session, *, name: str, org_id: str, job_id: str, adapter_dir: Path, ref: str | None = None
+) -> FineTunedModel:
+    """Record a finished adapter under its public ``name`` (the manifest must be valid).
+
+    Args:
+        session: the open session.
+        name: the public model name.
+        org_id: the owner.
+        job_id: the job that trained it.
+        adapter_dir: a local copy of the adapter (checked here).
+        ref: where it is stored (its store key); None: ``adapter_dir`` itself.
+    """
     manifest = validate_adapter_dir(adapter_dir)
     model = FineTunedModel(
         id=name,
         org_id=org_id,
         job_id=job_id,
         base_model=manifest.base_model,
-        adapter_path=str(adapter_dir),
+        adapter_path=ref or str(adapter_dir),
         created_at=now(),
     )
     session.add(model)

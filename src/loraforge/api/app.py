@@ -32,7 +32,7 @@ from loraforge.engines import EngineFleet
 from loraforge.ops.api_metrics import ApiMetrics
 from loraforge.ops.metrics import RequestTimer
 from loraforge.settings import Settings
-from loraforge.storage.blobs import BlobStore
+from loraforge.storage import open_store
 from loraforge.web import mount_web
 
 # Multipart framing and the form fields come on top of the file itself.
@@ -56,7 +56,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
             settings=settings,
             sessions=make_sessionmaker(engine),
             catalog=load_catalog(settings.models_config),
-            blobs=BlobStore(str(settings.blobs_dir)),
+            blobs=open_store(settings),
             dispatcher=chosen,
             engines=EngineFleet.from_settings(settings),
         )

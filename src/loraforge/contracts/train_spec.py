@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -187,6 +187,12 @@ class TrainSpec(BaseModel):
         fields = self.model_dump(mode="json", exclude=volatile)
         if resolved is not None:
             fields["hyperparameters"] = resolved
+        # Where an input sits on this machine is not what it is: a job resumes on another host,
+        # whose cache of the store has other paths. The last two parts name the input
+        # (``{org}/{file_id}``, ``adapters/{job_id}``, ``{job_id}/step-N``) on every host.
+        for key in ("training_file", "validation_file", "init_adapter"):
+            if fields.get(key):
+                fields[key] = "/".join(PurePosixPath(str(fields[key])).parts[-2:])
         canonical = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()
 

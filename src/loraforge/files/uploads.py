@@ -145,7 +145,7 @@ def add_part(
     upload = _pending(session, blobs, org, upload_id)
     part_id = new_id("part_")
     key = _part_key(upload_id, part_id)
-    size = blobs.write_stream(key, _limited(stream))
+    size = blobs.write_stream(key, _limited(stream), checksum=False)  # the assembled file gets one
     stored = sum(session.execute(select(UploadPart.bytes).where(UploadPart.upload_id == upload_id)).scalars())
     # Room for one re-sent part on top of the declared size; more cannot all be completed.
     if size == 0 or stored + size > upload.bytes + PART_MAX_BYTES:

@@ -1,12 +1,14 @@
 """Job checkpoints in the database: recorded from the trainer's ``checkpoint`` lines, listed by
 ``GET /v1/fine_tuning/jobs/{id}/checkpoints``, served as models ``{fine_tuned_model}:ckpt-step-N``.
 
-The directories themselves are written and pruned by the trainer (``trainer/checkpointer.py``);
-a row exists only while its directory does.
+The directories are written and pruned by the trainer (``trainer/checkpointer.py``) and uploaded
+by the worker to the blob store; a row holds the checkpoint's store key
+(``checkpoints/{job_id}/step-N``) and exists only while the store has it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,7 @@ def record(session: Session, job: Job, step: int, path: str, metrics: dict[str, 
         session: the open session.
         job: the job (its ``reserved_model`` names the checkpoint).
         step: the checkpoint's step.
-        path: its directory (a valid adapter directory).
+        path: its store key (``checkpoints/{job_id}/step-N``, a sealed adapter directory).
         metrics: the trainer's metrics at that step.
 
     Returns:
@@ -68,14 +70,23 @@ def record(session: Session, job: Job, step: int, path: str, metrics: dict[str, 
     return row
 
 
-def forget_missing(session: Session, job_id: str) -> list[JobCheckpoint]:
-    """Delete the rows of ``job_id`` whose directory is gone (pruned by the trainer).
+def forget_missing(
+    session: Session, job_id: str, present: Callable[[str], bool] | None = None
+) -> list[JobCheckpoint]:
+    """Delete the rows of ``job_id`` whose checkpoint is gone (pruned by the trainer).
+
+    Args:
+        session: the open session.
+        job_id: the job.
+        present: whether a row's ``adapter_path`` (a store key) still exists; default: a local
+            directory of that path exists (rows written before the object store).
 
     Returns:
         The rows deleted (their names may still be loaded in engines).
     """
+    exists = present or (lambda ref: Path(ref).is_dir())
     rows = session.execute(select(JobCheckpoint).where(JobCheckpoint.job_id == job_id)).scalars().all()
-    gone = [row for row in rows if not Path(row.adapter_path).is_dir()]
+    gone = [row for row in rows if not exists(row.adapter_path)]
     for row in gone:
         session.delete(row)
     session.flush()

@@ -22,6 +22,7 @@ from loraforge.jobs.state import JobStatus, add_event, fail, transition
 from loraforge.preflight import JobCheck, Throughput, check_job, default_throughput, validate_file
 from loraforge.preflight.estimate import startup_seconds
 from loraforge.settings import Settings
+from loraforge.storage import open_store
 from loraforge.storage.blobs import BlobStore
 
 log = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def validate_file_record(settings: Settings, sessions: sessionmaker[Session], fi
 
     Idempotent: only a file still ``uploaded`` is read and updated.
     """
-    blobs = BlobStore(str(settings.blobs_dir))
+    blobs = open_store(settings)
     with session_scope(sessions) as session:
         record = session.execute(select(FileRecord).where(FileRecord.id == file_id)).scalar_one_or_none()
         if record is None or record.status != "uploaded":
@@ -117,7 +118,7 @@ def run_check(
 def _local_path(blobs: BlobStore, record: FileRecord | None) -> Path | None:
     """The file on this machine's disk, if the blob store is local (big files are then checked
     with one process per core)."""
-    if record is None or "file" not in blobs.fs.protocol:
+    if record is None or not blobs.is_local:
         return None
     path = Path(blobs.local_path(record.storage_key))
     return path if path.is_file() else None
@@ -183,7 +184,7 @@ def validate_job_files(settings: Settings, sessions: sessionmaker[Session], job_
     The files are read outside any transaction (a large file takes seconds); the outcome is
     written with the state machine's conditional update, so a job cancelled meanwhile stays so.
     """
-    blobs = BlobStore(str(settings.blobs_dir))
+    blobs = open_store(settings)
     catalog = load_catalog(settings.models_config)
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()

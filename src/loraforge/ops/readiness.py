@@ -33,7 +33,7 @@ from loraforge.engines.fleet import routes_from_settings
 from loraforge.ops.presence import live_after, live_workers
 from loraforge.planner.pools import resolve_pools
 from loraforge.settings import Settings
-from loraforge.storage.blobs import BlobStore
+from loraforge.storage import probe
 
 PROBE_TIMEOUT_SECONDS = 3.0
 
@@ -54,12 +54,9 @@ class Readiness(BaseModel):
 
 
 def storage_probe(settings: Settings) -> None:
-    """Raise unless the blob store answers: its root can be listed.
-
-    The one place that knows how to probe the store (object storage brings its own probe).
-    """
-    store = BlobStore(str(settings.blobs_dir))
-    store.fs.ls(store.root, detail=False)
+    """Raise unless the blob store answers (``LORAFORGE_STORAGE_URL``: the local folder exists, or
+    the S3 bucket can be listed with these credentials)."""
+    probe(settings)
 
 
 def broker_probe(settings: Settings) -> None:

@@ -64,7 +64,9 @@ class AdapterHost:
         except Exception as exc:
             if self.peft and key in getattr(self.model, "peft_config", {}):
                 self.model.delete_adapter(key)
-            raise InvalidAdapter(f"PEFT could not load the adapter: {exc}") from exc
+            # PEFT's messages name the directory: callers must not learn where adapters are kept.
+            reason = str(exc).replace(str(adapter.path), "<adapter>")
+            raise InvalidAdapter(f"PEFT could not load the adapter: {reason}") from exc
         if self.grouped is not None:
             try:
                 self.grouped.add(key)  # False for adapters PEFT's path must serve: still servable

@@ -1,8 +1,11 @@
 """The engine's HTTP face: vLLM's adapter protocol plus OpenAI chat completions.
 
-    POST /v1/load_lora_adapter     {"lora_name", "lora_path"} -> 200 text (vLLM wording)
+    POST /v1/load_lora_adapter     {"lora_name", "lora_path"} -> 200 text (vLLM wording);
+                                   ``lora_path`` is a key in the adapter store, never a path
+                                   (``serving/adapter_store.py``)
     POST /v1/unload_lora_adapter   {"lora_name"}              -> 200 text, 404 if not loaded
-    GET  /v1/models[/{model}]      the base model and the loaded adapters (``parent``/``root`` like vLLM)
+    GET  /v1/models[/{model}]      the base model and the loaded adapters (``parent`` like vLLM;
+                                   an adapter's ``root`` is its name: no locations are shown)
     POST /v1/chat/completions      OpenAI ChatCompletion, or SSE chunks with ``stream: true``
     GET  /health                   {"status": "ok", "base_model", "adapters"}; 503 while loading
     GET  /metrics                  Prometheus: request latency by route, adapter loads/evictions
@@ -26,6 +29,7 @@ import secrets
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -45,8 +49,10 @@ from loraforge.contracts.engine import (
 )
 from loraforge.contracts.envelope import error_body, validation_error
 from loraforge.ops.metrics import EngineMetrics, RequestTimer
+from loraforge.serving.adapter_store import AdapterStore
 from loraforge.serving.errors import (
     AdapterNotLoaded,
+    AdapterStoreUnavailable,
     AuthenticationFailed,
     EngineError,
     EngineNotReady,
@@ -82,7 +88,7 @@ class ServingEngine(Protocol):
     def base_model(self) -> str: ...
     def loaded_adapters(self) -> list[str]: ...
     def describe_adapters(self) -> list[LoadedAdapter]: ...
-    def load_adapter(self, name: str, path: str) -> bool: ...
+    def load_adapter(self, name: str, path: str | Path) -> bool: ...
     def unload_adapter(self, name: str) -> None: ...
     def prepare(
         self,
@@ -127,9 +133,15 @@ health_router = APIRouter()
 
 
 @router.post("/load_lora_adapter", response_class=PlainTextResponse)
-async def load_lora_adapter(body: LoadLoRAAdapterRequest, engine: EngineDep) -> PlainTextResponse:
-    """Hot-load a LoRA adapter; loading the same name and path again is a no-op."""
-    await run_in_threadpool(engine.load_adapter, body.lora_name, body.lora_path)
+async def load_lora_adapter(
+    body: LoadLoRAAdapterRequest, engine: EngineDep, request: Request
+) -> PlainTextResponse:
+    """Hot-load a LoRA adapter from the adapter store; loading the same name and key again is a no-op."""
+    store: AdapterStore | None = request.app.state.adapter_store
+    if store is None:
+        raise AdapterStoreUnavailable("This engine has no adapter store configured.")
+    path = await run_in_threadpool(store.resolve, body.lora_name, body.lora_path)
+    await run_in_threadpool(engine.load_adapter, body.lora_name, path)
     return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
 
@@ -149,7 +161,7 @@ def _model_cards(engine: ServingEngine) -> list[ModelCard]:
                 id=adapter.name,
                 created=adapter.manifest.created_at,
                 owned_by=entry.owned_by,
-                root=str(adapter.path),
+                root=adapter.name,  # not its directory: where adapters are kept is the engine's business
                 parent=entry.id,
             )
         )
@@ -324,6 +336,7 @@ def create_engine_app(
     engine_or_factory: ServingEngine | Callable[[], ServingEngine],
     *,
     api_key: str | None = None,
+    adapter_store: AdapterStore | None = None,
     title: str = "loraforge engine",
     metrics: EngineMetrics | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
@@ -335,6 +348,7 @@ def create_engine_app(
         engine_or_factory: a ready engine (tests), or a zero-argument callable that builds one;
             the callable runs at startup (lifespan), in a background thread, never at import.
         api_key: if set, every ``/v1`` route requires ``Authorization: Bearer <api_key>``.
+        adapter_store: where ``load_lora_adapter`` fetches adapters; None: it refuses (503).
         title: OpenAPI title.
         metrics: the engine's metrics (the factory's engine should report to the same object);
             default: a fresh one.
@@ -380,6 +394,7 @@ def create_engine_app(
     app.state.load_error = None
     app.state.api_key = api_key
     app.state.metrics = metrics or EngineMetrics()
+    app.state.adapter_store = adapter_store
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -451,6 +466,7 @@ def run_engine(
     app = create_engine_app(
         factory,
         api_key=api_key,
+        adapter_store=AdapterStore.from_settings(settings),
         metrics=metrics,
         on_load_failure=stop,
         max_request_bytes=settings.max_request_bytes,

@@ -179,7 +179,7 @@ class Engine:
             if existing is not None:
                 if existing.path != path:
                     raise AdapterConflict(
-                        f"The lora adapter '{name}' is already loaded from {existing.path}; unload it first."
+                        f"The lora adapter '{name}' is already loaded from another adapter; unload it first."
                     )
                 return False
             started = time.perf_counter()

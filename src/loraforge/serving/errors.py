@@ -53,7 +53,7 @@ class AdapterNotLoaded(EngineError):
 
 
 class AdapterNotFound(EngineError):
-    """``lora_path`` does not exist (vLLM answers 404 here too)."""
+    """``lora_path`` names no adapter in the adapter store (vLLM answers 404 here too)."""
 
     status_code = 404
     code = "adapter_not_found"
@@ -79,6 +79,15 @@ class AdapterConflict(EngineError):
 
     code = "adapter_conflict"
     param = "lora_name"
+
+
+class AdapterStoreUnavailable(EngineError):
+    """The adapter store (the blob store) could not be reached: retry later."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "adapter_store_unavailable"
+    param = "lora_path"
 
 
 class UnknownBaseModel(EngineError):
@@ -107,6 +116,7 @@ __all__ = [
     "AdapterConflict",
     "AdapterNotFound",
     "AdapterNotLoaded",
+    "AdapterStoreUnavailable",
     "AuthenticationFailed",
     "BaseModelMismatch",
     "EngineError",

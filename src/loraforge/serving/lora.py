@@ -83,7 +83,7 @@ def read_adapter(name: str, path: Path, entry: BaseModelEntry, vocab: Mapping[st
         BaseModelMismatch: the manifest names another base model.
     """
     if not path.is_dir():
-        raise AdapterNotFound(f"No adapter found at '{path}'.")
+        raise AdapterNotFound(f"No adapter found for '{name}'.")
     try:
         manifest = validate_adapter_dir(path)
         peft_config = json.loads((path / ADAPTER_CONFIG).read_text())

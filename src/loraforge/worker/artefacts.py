@@ -1,9 +1,10 @@
 """Where a job's files live on a worker, and how a cancelled job's are removed.
 
 ``{runs_dir}/{job_id}/``: ``spec.json``, ``trainer.log``, ``pause`` (the pause request) and
-``checkpoints/step-NNNNNNN/`` (servable adapter + training state); the final adapter is
-``{adapters_dir}/{job_id}``. In a multi-machine deployment ``runs_dir`` must be shared storage
-for a re-queued job to resume on another machine.
+``checkpoints/step-NNNNNNN/`` (servable adapter + training state); the final adapter is written
+to ``{adapters_dir}/{job_id}``. These are this machine's working copies: every checkpoint and the
+adapter are uploaded to the blob store (``worker/store_sync.py``), which is what another machine
+resumes from and what engines load.
 """
 
 from __future__ import annotations
@@ -21,9 +22,14 @@ from loraforge.engines import fleet_for
 from loraforge.jobs import checkpoints
 from loraforge.jobs.naming import checkpoint_model_name
 from loraforge.settings import Settings
+from loraforge.storage import adapter_key, checkpoints_prefix, open_store
+from loraforge.storage.sealed import delete_dir
 
 CHECKPOINTS = "checkpoints"
 PAUSE_FILE = "pause"
+# Files of a checkpoint directory (``trainer/checkpointer.py`` writes them).
+TRAINER_STATE = "trainer_state.pt"
+CHECKPOINT_INFO = "checkpoint.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -39,12 +45,13 @@ def checkpoint_dir(settings: Settings, job_id: str) -> Path:
 
 def strip_training_state(settings: Settings, job_id: str) -> None:
     """Drop the optimizer/RNG state of a finished job's checkpoints; the adapters stay servable."""
-    for state in checkpoint_dir(settings, job_id).glob("step-*/trainer_state.pt"):
+    for state in checkpoint_dir(settings, job_id).glob(f"step-*/{TRAINER_STATE}"):
         state.unlink(missing_ok=True)
 
 
 def remove_job_artefacts(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
-    """Remove a cancelled job's checkpoints (rows, directories, engine copies) and its adapter.
+    """Remove a cancelled job's checkpoints (rows, directories, stored copies, engine copies) and
+    its adapter, here and in the blob store.
 
     Args:
         settings: where the files are.
@@ -52,17 +59,20 @@ def remove_job_artefacts(settings: Settings, sessions: sessionmaker[Session], jo
         job_id: the job.
     """
     with session_scope(sessions) as session:
-        checkpoints.delete_all(session, job_id)
+        rows = checkpoints.delete_all(session, job_id)
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
         base, reserved = (job.model, job.reserved_model) if job is not None else (None, None)
     folder = checkpoint_dir(settings, job_id)
-    names = []
+    names = [row.fine_tuned_model_checkpoint for row in rows]
     if reserved and folder.is_dir():
         for path in folder.iterdir():
             if match := _STEP_DIR.match(path.name):
                 names.append(checkpoint_model_name(reserved, int(match.group(1))))
+    store = open_store(settings)
+    delete_dir(store, adapter_key(job_id))  # the seal first: no reader trusts a half-deleted one
+    store.delete_prefix(checkpoints_prefix(job_id))
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
     (run_dir(settings, job_id) / PAUSE_FILE).unlink(missing_ok=True)
     if base and names:
-        fleet_for(settings).unload(base, names)
+        fleet_for(settings).unload(base, sorted(set(names)))

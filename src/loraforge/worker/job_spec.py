@@ -20,7 +20,8 @@ from loraforge.contracts.trainer_launch import requested_kernels
 from loraforge.db.models import FileRecord, Job, Organization
 from loraforge.jobs import placement
 from loraforge.settings import Settings
-from loraforge.storage.blobs import BlobStore
+from loraforge.storage import adapter_dir, local_cache
+from loraforge.storage.cache import LocalCache
 from loraforge.worker import artefacts
 
 _OPENAI_HYPERPARAMETERS = ("n_epochs", "batch_size", "learning_rate_multiplier")
@@ -77,14 +78,15 @@ def build_spec(settings: Settings, session: Session, job: Job, run_dir: Path) ->
         ValueError: the job's settings make no valid spec (each field's problem named).
         ModelNotFoundError: the parent model of a continued fine-tuning job is gone.
     """
-    blobs = BlobStore(str(settings.blobs_dir))
+    # The trainer reads local files: checked copies of the store's (the store's own with a local one).
+    cache = local_cache(settings)
     fields = {
         "job_id": job.id,
         "base_model": job.model,
         "models_config": str(settings.models_config) if settings.models_config else None,
         "models_dir": str(settings.models_dir),
-        "training_file": str(_file_path(session, blobs, job.training_file)),
-        "validation_file": str(_file_path(session, blobs, job.validation_file))
+        "training_file": str(_file_path(session, cache, job.training_file)),
+        "validation_file": str(_file_path(session, cache, job.validation_file))
         if job.validation_file
         else None,
         "output_dir": str(settings.adapters_dir / job.id),
@@ -95,7 +97,7 @@ def build_spec(settings: Settings, session: Session, job: Job, run_dir: Path) ->
         "checkpoint_dir": str(artefacts.checkpoint_dir(settings, job.id)),
         "pause_file": str(run_dir / artefacts.PAUSE_FILE),
         "eval_every": settings.eval_every_steps,
-        "init_adapter": _init_adapter(session, job),
+        "init_adapter": _init_adapter(settings, session, job),
         # LoRA knobs and schedule are top-level TrainSpec fields (absent: the catalog's defaults).
         **{k: job.hyperparameters[k] for k in _SPEC_KNOBS if job.hyperparameters.get(k) is not None},
         # The memory plan made at creation: strategy, GPUs, token budget, checkpointing; and the
@@ -123,8 +125,9 @@ def _plan_fields(job: Job) -> dict[str, object]:
     return {"plan": plan.model_dump(mode="json"), "device": job.plan.get("device", "auto")}
 
 
-def _init_adapter(session: Session, job: Job) -> str | None:
-    """The adapter a continued fine-tuning job starts from (resolved now: it may have been deleted).
+def _init_adapter(settings: Settings, session: Session, job: Job) -> str | None:
+    """The adapter a continued fine-tuning job starts from, fetched from the store to this machine
+    (resolved now: it may have been deleted).
 
     Raises:
         ModelNotFoundError: the parent model or checkpoint no longer exists.
@@ -132,9 +135,9 @@ def _init_adapter(session: Session, job: Job) -> str | None:
     if not job.parent_model:
         return None
     org = session.execute(select(Organization).where(Organization.id == job.org_id)).scalar_one()
-    return registry.resolve(session, org, job.parent_model).adapter_path
+    return str(adapter_dir(settings, registry.resolve(session, org, job.parent_model).adapter_path))
 
 
-def _file_path(session: Session, blobs: BlobStore, file_id: str) -> Path:
+def _file_path(session: Session, cache: LocalCache, file_id: str) -> Path:
     record = session.execute(select(FileRecord).where(FileRecord.id == file_id)).scalar_one()
-    return Path(blobs.local_path(record.storage_key))
+    return cache.file(record.storage_key)

@@ -1,11 +1,12 @@
 """One training run of a job, as the worker sees it: the trainer's events become job fields,
-job events and checkpoint rows (the events are :mod:`loraforge.contracts.trainer_events`)."""
+job events and, through the store mirror, stored checkpoints and checkpoint rows (the events are
+:mod:`loraforge.contracts.trainer_events`)."""
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from pathlib import Path
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,12 +23,12 @@ from loraforge.contracts.trainer_events import (
 )
 from loraforge.db.models import Job, JobEvent
 from loraforge.db.session import session_scope
-from loraforge.engines import fleet_for
 from loraforge.ids import now
-from loraforge.jobs import checkpoints
 from loraforge.jobs.state import JobStatus, add_event
 from loraforge.ops.metrics import worker_metrics
 from loraforge.settings import Settings
+from loraforge.storage import checkpoint_key
+from loraforge.worker.store_sync import CheckpointMirror
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,9 @@ def metrics_message(event: MetricsEvent, total: int) -> str:
 class RunProgress:
     """Reacts to one trainer process's events; remembers how the run ended."""
 
-    def __init__(self, settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], job_id: str, keep_checkpoints: int = 3
+    ) -> None:
         self.settings = settings
         self.sessions = sessions
         self.job_id = job_id
@@ -64,6 +67,8 @@ class RunProgress:
         self.done: DoneEvent | None = None
         self.paused: PausedEvent | None = None
         self.error: ErrorEvent | None = None
+        # Every checkpoint goes to the blob store, so the job can resume on any host.
+        self.mirror = CheckpointMirror(settings, sessions, job_id, keep=keep_checkpoints)
 
     def handle(self, event: TrainerEvent) -> None:
         """Apply one trainer event.
@@ -123,7 +128,11 @@ class RunProgress:
                 session,
                 self.job_id,
                 f"Resumed from checkpoint at step {step}/{self.total_steps}",
-                data={"step": step, "kind": event.kind},
+                data={
+                    "step": step,
+                    "kind": event.kind,
+                    "checkpoint": checkpoint_key(self.job_id, Path(event.path).name),
+                },
             )
 
     def _on_metrics(self, event: MetricsEvent) -> None:
@@ -166,23 +175,6 @@ class RunProgress:
             session.execute(delete(JobEvent).where(JobEvent.id.in_(stale)))
 
     def _on_checkpoint(self, event: CheckpointEvent) -> None:
-        if event.kind != "epoch":
-            return  # a pause checkpoint is the job's private resume point, not a model
-        step = event.step
-        with session_scope(self.sessions) as session:
-            job = session.execute(select(Job).where(Job.id == self.job_id)).scalar_one()
-            if job.status != JobStatus.RUNNING.value:
-                return  # cancelled meanwhile: the worker removes what is on disk
-            row = checkpoints.record(session, job, step, event.path, event.openai_metrics())
-            gone = checkpoints.forget_missing(session, self.job_id)
-            add_event(
-                session,
-                self.job_id,
-                f"Checkpoint created at step {step}: {row.fine_tuned_model_checkpoint}",
-                data={"step": step, "checkpoint": row.id},
-            )
-            base = job.model
-        names = [row.fine_tuned_model_checkpoint for row in gone]
-        if names:
-            # Off the message loop: an unreachable engine must not delay the lease's heartbeat.
-            threading.Thread(target=fleet_for(self.settings).unload, args=(base, names), daemon=True).start()
+        # Uploaded in the background (an 8B checkpoint takes a while); an epoch checkpoint
+        # becomes a model once it is in the store (``worker/store_sync.py``).
+        self.mirror.submit(event)

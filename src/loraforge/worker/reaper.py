@@ -16,7 +16,8 @@ broker drops a message its consumer had fetched. So every worker runs a :class:`
   a lost message costs seconds, not the 5-minute window meant for jobs that only wait their turn.
   A job whose ``queued_at`` moved was claimed by someone else (a GPU-waiting task's re-send loop,
   another reaper) and is no longer watched;
-* a cancelled job's leftover checkpoints and adapter on this machine are removed.
+* a cancelled job's leftover checkpoints and adapter, on this machine and in the blob store, are
+  removed.
 
 At worker start, :meth:`Reaper.reconcile` also re-sends every queued and validating job's task
 (messages held by a dead worker are gone).
@@ -38,7 +39,9 @@ from loraforge.db.session import session_scope
 from loraforge.ids import now
 from loraforge.jobs.state import JobStatus, restamp_queued, transition
 from loraforge.settings import Settings
+from loraforge.storage import CHECKPOINTS, open_store
 from loraforge.worker import artefacts
+from loraforge.worker.legacy import adopt_legacy_adapters
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +164,11 @@ def validating(sessions: sessionmaker[Session], older_than: float | None) -> lis
 
 
 def sweep_cancelled(settings: Settings, sessions: sessionmaker[Session]) -> list[str]:
-    """Remove checkpoints (and adapters) left on this machine by cancelled or deleted jobs."""
+    """Remove checkpoints (and adapters) left on this machine or in the store by cancelled or
+    deleted jobs (e.g. a paused job cancelled while no worker ran it)."""
     root = settings.runs_dir
-    candidates = (
-        [p.name for p in root.iterdir() if (p / artefacts.CHECKPOINTS).is_dir()] if root.is_dir() else []
-    )
+    local = [p.name for p in root.iterdir() if (p / artefacts.CHECKPOINTS).is_dir()] if root.is_dir() else []
+    candidates = sorted({*local, *open_store(settings).names(CHECKPOINTS)})
     if not candidates:
         return []
     with session_scope(sessions) as session:
@@ -254,7 +257,15 @@ class Reaper:
             self._watched[job_id] = _Watch(stamps[job_id], clock + delay, delay)
 
     def reconcile(self) -> ReapReport:
-        """The startup pass (also run when the service starts a worker)."""
+        """The startup pass (also run when the service starts a worker).
+
+        Adapters this machine trained before the object store existed are moved into it first
+        (``worker/legacy.py``), so the engines, which load only from the store, can serve them.
+        """
+        try:
+            adopt_legacy_adapters(self.settings, self.sessions)
+        except Exception:  # noqa: BLE001 - retried at the next start; the reaper must run
+            log.exception("moving this disk's older adapters into the store failed")
         report = self.run_once(startup=True)
         log.info("reaper start-up reconciliation: %s", report)
         return report

@@ -35,8 +35,9 @@ from loraforge.jobs.naming import fine_tuned_model_name
 from loraforge.jobs.state import JobStatus, add_event, fail, transition
 from loraforge.ops.metrics import worker_metrics
 from loraforge.settings import Settings
-from loraforge.storage.blobs import BlobStore
-from loraforge.worker import admission, artefacts, job_spec, results
+from loraforge.storage import adapter_key, open_store
+from loraforge.storage.sealed import delete_dir
+from loraforge.worker import admission, artefacts, job_spec, results, store_sync
 from loraforge.worker.gpu_leases import GpuLease
 from loraforge.worker.progress import RunProgress
 from loraforge.worker.trainer_process import TrainerProcess
@@ -94,7 +95,15 @@ def _poll(sessions: sessionmaker[Session], job_id: str, wid: str, beat: bool) ->
 
 
 def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid: str) -> Path | None:
-    """Take the job's lease (``queued`` -> ``running``) and write its spec; None if not ours to run."""
+    """Take the job's lease (``queued`` -> ``running``) and write its spec; None if not ours to run.
+
+    The lease is the compare-and-set ``queued -> running`` in the database, so a second copy of
+    the train task -- a re-send by the reaper, or Redis handing the unacknowledged task out again
+    after its visibility timeout -- finds the job running under another worker's live lease and
+    returns without starting a trainer, on any host. That copy is then acknowledged: the job is
+    not lost with it, because the database, not the message, holds it (the reaper re-queues a job
+    whose lease lapses and sends its task again).
+    """
     folder = artefacts.run_dir(settings, job_id)
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one_or_none()
@@ -119,8 +128,12 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
         try:
-            return job_spec.write_spec(settings, session, job, folder)
+            spec = job_spec.write_spec(settings, session, job, folder)
         except Exception as exc:  # noqa: BLE001 - any reason the run cannot start fails the job
+            if store_sync.store_unreachable(exc):
+                session.rollback()
+                store_sync.give_back(sessions, job_id, wid, exc)
+                return None
             log.exception("job %s: could not prepare the run", job_id)
             if isinstance(exc, ModelNotFoundError):
                 error = JobError(code="model_not_found", message=exc.message, param="model")
@@ -129,6 +142,14 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
             session.rollback()
             fail(session, job_id, error, expect={"worker_id": wid})
             return None
+    try:
+        # This disk may never have seen the job (another host ran it until it died): its newest
+        # checkpoint comes from the store, and the trainer resumes from it.
+        store_sync.restore_checkpoint(settings, sessions, job_id)
+    except Exception as exc:  # noqa: BLE001 - the store is the job's memory: wait for it
+        store_sync.give_back(sessions, job_id, wid, exc)
+        return None
+    return spec
 
 
 def run_training(
@@ -184,14 +205,15 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
         return False
     folder = artefacts.run_dir(settings, job_id)
     # One process, or `accelerate launch` with one process per GPU when the plan shards (FSDP).
-    plan = load_spec(spec_path).plan
+    spec = load_spec(spec_path)
+    plan = spec.plan
     port = lease.rendezvous_port() if lease else None
     cmd = launch_command(
         spec_path, plan, python=settings.trainer_python or sys.executable, main_process_port=port
     )
     env = lease.env() if lease else {}
     trainer = TrainerProcess(cmd, folder / "trainer.log", folder / artefacts.PAUSE_FILE, env=env)
-    run = RunProgress(settings, sessions, job_id)
+    run = RunProgress(settings, sessions, job_id, keep_checkpoints=spec.keep_checkpoints)
     worker_metrics().running.inc()
     pause_deadline: float | None = None
     last_check = last_beat = time.monotonic()
@@ -208,10 +230,13 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
             last_check, last_beat = clock, (clock if beat else last_beat)
             if state == _LOST:
                 trainer.stop()
+                run.mirror.abort()
                 _abandon(settings, sessions, job_id)
                 return False
             if _shutting_down.is_set():
                 trainer.stop()
+                # What the trainer saved must be in the store for whoever takes the job next.
+                run.mirror.drain(lambda: _poll(sessions, job_id, wid, beat=True) != _LOST, 0.5)
                 return _hand_back(sessions, job_id, wid)
             if state == _PAUSE and pause_deadline is None:
                 trainer.request_pause()
@@ -226,6 +251,11 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
         trainer.close()
         run.close()
         worker_metrics().running.dec()
+    # The last checkpoints (a pause's above all) must be in the store before the job moves on.
+    still_ours = lambda: _poll(sessions, job_id, wid, beat=True) != _LOST  # noqa: E731
+    if not run.mirror.drain(still_ours, settings.cancel_poll_seconds):
+        _abandon(settings, sessions, job_id)
+        return False
     if run.done is None and run.error is None and (run.paused is not None or pause_deadline is not None):
         _pause(settings, sessions, job_id, wid, run)
         return False
@@ -330,6 +360,7 @@ def _fail(
     if ok:
         _observe_end(sessions, job_id)
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
+        delete_dir(open_store(settings), adapter_key(job_id))
     else:
         _abandon(settings, sessions, job_id)
 
@@ -349,14 +380,16 @@ def _finish(
     if _poll(sessions, job_id, wid, beat=True) == _LOST:  # renew the lease for the last stretch
         _abandon(settings, sessions, job_id)
         return
-    blobs = BlobStore(str(settings.blobs_dir))
+    blobs = open_store(settings)
+    adapter_dir = Path(run.done.adapter_dir)
+    ref = store_sync.publish_adapter(settings, job_id, adapter_dir)
     with session_scope(sessions) as session:
         job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
         name = job.reserved_model or ""
         # A run killed between registering and succeeding left its registration: replace it.
         registry.delete_fine_tuned_model_by_name(session, name)
         model = registry.register(
-            session, name=name, org_id=job.org_id, job_id=job_id, adapter_dir=Path(run.done.adapter_dir)
+            session, name=name, org_id=job.org_id, job_id=job_id, adapter_dir=adapter_dir, ref=ref
         )
     fleet_for(settings).load(model.base_model, model.id, model.adapter_path)
     record = None
@@ -380,7 +413,7 @@ def _finish(
             registry.delete_fine_tuned_model_by_name(session, name)
     if ok:
         _observe_end(sessions, job_id)
-        artefacts.strip_training_state(settings, job_id)
+        store_sync.strip_training_state(settings, job_id)
     else:
         fleet_for(settings).unload(model.base_model, [model.id])
         _abandon(settings, sessions, job_id)
