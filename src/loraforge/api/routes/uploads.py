@@ -29,9 +29,8 @@ _MULTIPART_SLACK = 64 * 1024
 
 
 @router.post("", dependencies=[Depends(idempotency)])
-def create_upload(services: ServicesDep, session: SessionDep, org: OrgDep, body: UploadCreate) -> Upload:
+def create_upload(session: SessionDep, org: OrgDep, body: UploadCreate) -> Upload:
     """Create a pending upload; it expires in an hour."""
-    uploads.maybe_sweep(session, services.blobs)
     upload = uploads.create_upload(
         session,
         org,
