@@ -23,19 +23,41 @@ app.add_typer(keys_app, name="keys")
 err = Console(stderr=True)
 
 
+def _check_api_workers(settings: Settings, workers: int) -> None:
+    """Exit with the reason if ``workers`` API processes could not share the limits' counters."""
+    from loraforge.api.throttle import shared_across_processes
+
+    if workers > 1 and not shared_across_processes(settings):
+        err.print(
+            f"[red]{workers} API processes need the rate-limit counters in Redis, where every "
+            "process sees them: set LORAFORGE_RATE_LIMIT_STORAGE_URL=redis://HOST:6379/0 (or use "
+            "a Redis broker, LORAFORGE_BROKER_URL), or run one API process.[/red]"
+        )
+        raise typer.Exit(2)
+
+
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address (default LORAFORGE_API_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default LORAFORGE_API_PORT)")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="API processes (default LORAFORGE_API_WORKERS, 1)")
+    ] = None,
 ) -> None:
     """Run the API server (OpenAI REST under /v1)."""
     import uvicorn
 
-    from loraforge.api.app import create_app
-
     settings = get_settings()
+    workers = workers or settings.api_workers
+    _check_api_workers(settings, workers)
+    # An import string and a factory: with several workers, uvicorn builds the app in each process.
     uvicorn.run(
-        create_app(settings), host=host or settings.api_host, port=port or settings.api_port, log_level="info"
+        "loraforge.api.app:create_app_from_env",
+        factory=True,
+        workers=workers,
+        host=host or settings.api_host,
+        port=port or settings.api_port,
+        log_level="info",
     )
 
 
@@ -163,12 +185,18 @@ def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
 
 
 @app.command()
-def serve() -> None:
+def serve(
+    api_workers: Annotated[
+        int | None, typer.Option(min=1, help="API processes (default LORAFORGE_API_WORKERS, 1)")
+    ] = None,
+) -> None:
     """Run API + worker + engine as child processes (the embedded default: no servers needed)."""
     from loraforge.db.session import migrate
     from loraforge.planner.gpus import GpuDetectionError
 
     settings = get_settings()
+    api_workers = api_workers or settings.api_workers
+    _check_api_workers(settings, api_workers)
     migrate(settings)
     try:
         envs = serve_children_env(settings)
@@ -179,7 +207,8 @@ def serve() -> None:
             "again, or set LORAFORGE_TRAIN_POOLS to the pools to serve.[/red]"
         )
         raise typer.Exit(2) from exc
-    children = {name: _spawn([name], envs[name]) for name in ("engine", "worker", "api")}
+    args = {"engine": ["engine"], "worker": ["worker"], "api": ["api", "--workers", str(api_workers)]}
+    children = {name: _spawn(args[name], envs[name]) for name in ("engine", "worker", "api")}
     err.print(
         f"[bold]loraforge[/bold] API on http://{settings.api_host}:{settings.api_port}/v1, engine for "
         f"{settings.serve_base_model} on :{settings.engine_port}, home {settings.home}, "

@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, FastAPI
 
+from loraforge.api.auth import KeyCache
 from loraforge.api.deps import Services
 from loraforge.api.errors import install_error_handlers
 from loraforge.api.idempotency import install_idempotency
+from loraforge.api.ratelimit import RateLimitMiddleware
 from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models, uploads, webhook_endpoints
 from loraforge.api.schemas.common import HealthStatus
+from loraforge.api.throttle import Throttle
+from loraforge.api.upload_limits import ContentLengthLimit
 from loraforge.catalog import load_catalog
 from loraforge.contracts.dispatch import Dispatcher
-from loraforge.contracts.envelope import error_body
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
 from loraforge.engines import EngineFleet
-from loraforge.settings import Settings
+from loraforge.settings import Settings, get_settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.web import mount_web
 
@@ -39,44 +41,38 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
             chosen: Dispatcher = CeleryDispatcher(settings)
         else:
             chosen = dispatcher
+        sessions = make_sessionmaker(engine)
         app.state.services = Services(
             settings=settings,
-            sessions=make_sessionmaker(engine),
+            sessions=sessions,
             catalog=load_catalog(settings.models_config),
             blobs=BlobStore(str(settings.blobs_dir)),
             dispatcher=chosen,
             engines=EngineFleet.from_settings(settings),
+            keys=KeyCache(sessions, settings.auth_cache_seconds),
+            # Built here, on the event loop its Redis connections belong to.
+            throttle=Throttle.from_settings(settings),
         )
         yield
         await app.state.services.engines.aclose()
+        if app.state.services.throttle is not None:
+            await app.state.services.throttle.aclose()
         engine.dispose()
 
     app = FastAPI(title="loraforge", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     install_idempotency(app)
     uploads.install_part_limit(app)
-
-    @app.middleware("http")
-    async def upload_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # Refuse an oversized upload before its body is read (the route also counts bytes).
-        length = request.headers.get("content-length")
-        if (
-            request.method == "POST"
-            and request.url.path == "/v1/files"
-            and length
-            and length.isdigit()
-            and int(length) > settings.max_upload_bytes + _MULTIPART_SLACK
-        ):
-            return JSONResponse(
-                error_body(
-                    f"File is larger than the {settings.max_upload_bytes} byte limit for uploads.",
-                    "invalid_request_error",
-                    "file",
-                    "file_too_large",
-                ),
-                status_code=413,
-            )
-        return await call_next(request)
+    # Refuse an oversized upload before its body is read (the route also counts bytes).
+    app.add_middleware(
+        ContentLengthLimit,
+        matches="/v1/files".__eq__,
+        limit=settings.max_upload_bytes + _MULTIPART_SLACK,
+        message=f"File is larger than the {settings.max_upload_bytes} byte limit for uploads.",
+        param="file",
+    )
+    # The plans' request limits, around everything else that runs per request.
+    app.add_middleware(RateLimitMiddleware)
 
     v1 = APIRouter(prefix="/v1")
     for module in (files, uploads, fine_tuning_jobs, models, chat_completions, webhook_endpoints):
@@ -90,3 +86,9 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     # The web platform at `/` (static pages calling /v1 with the user's key).
     mount_web(app)
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app for the environment's settings: the factory ``loraforge api --workers N`` gives
+    uvicorn, which imports it in each worker process."""
+    return create_app(get_settings())
