@@ -15,11 +15,13 @@ import typer
 from rich.console import Console
 
 from loraforge.cli_client import register as register_client_commands
+from loraforge.cli_orgs import orgs_app
 from loraforge.settings import Settings, get_settings
 
 app = typer.Typer(help="loraforge: self-hosted, OpenAI-compatible LoRA fine-tuning.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(orgs_app, name="orgs")
 err = Console(stderr=True)
 
 
