@@ -12,7 +12,7 @@ from loraforge import cli, cli_orgs
 from loraforge.api.app import create_app
 from loraforge.db.models import Organization
 from loraforge.db.session import make_engine, make_sessionmaker
-from loraforge.plans import GiB, UNLIMITED, limits_for, tier_limits
+from loraforge.plans import UNLIMITED, GiB, limits_for, tier_limits
 from loraforge.settings import Settings
 
 
@@ -47,10 +47,8 @@ def test_orgs_set_show_list_and_the_api_applies_it(
     key = make_key("acme", tier="trial")
     monkeypatch.setattr(cli_orgs, "get_settings", lambda: settings)
     runner = CliRunner()
-    result = runner.invoke(
-        cli.app,
-        ["orgs", "set", "acme", "--tier", "core", "--rpm", "2", "--storage-bytes", "1MiB", "--max-hosted-models", "unlimited"],
-    )  # fmt: skip
+    args = ["--tier", "core", "--rpm", "2", "--storage-bytes", "1MiB", "--max-hosted-models", "unlimited"]
+    result = runner.invoke(cli.app, ["orgs", "set", "acme", *args])
     assert result.exit_code == 0, result.output
     assert "plan core" in result.output and "set for the org" in result.output
     engine = make_engine(settings)
