@@ -124,6 +124,8 @@ def start_stack(home: Path, extra_env: dict[str, str], backend: str = "embedded"
         "TOKENIZERS_PARALLELISM": "false",
         # Short webhook back-off so retry tests take seconds, not minutes.
         "LORAFORGE_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
+        # Expired uploads and files swept within a second or so, not a minute.
+        "LORAFORGE_STORAGE_SWEEP_SECONDS": "1",
         **extra_env,
     }
     log_path = home / "serve.log"
