@@ -4,6 +4,7 @@
     python bench/api_load.py --rate 100 --rate 200 --rate 300
     python bench/api_load.py --backend postgres-redis # PostgreSQL + Redis on 127.0.0.1
     python bench/api_load.py --target api --workers 2 # the API alone, two processes
+    git archive OLD src | tar -x -C /tmp/old && python bench/api_load.py --before /tmp/old/src --no-c-server
 
 The driver is open-loop: request *i* is sent at ``start + i / rate`` whether or not earlier ones
 have answered (a closed loop would slow down with the server and hide its queueing), from one
@@ -17,6 +18,10 @@ requests cycle over four GETs with a valid key: ``/v1/files``, ``/v1/fine_tuning
 * **loraforge**: ``loraforge serve`` (API + worker + engine, the embedded default) or
   ``loraforge api`` alone, on a fresh home, with one org (enterprise plan: no requests/minute
   limit), one uploaded file and one job (so the lists and the events are not empty).
+
+``--before SRC`` also runs loraforge from another source tree (the code before a change) and
+``--no-c-server`` this tree with ``uvloop`` and ``httptools`` hidden (uvicorn on asyncio + h11,
+as before they were dependencies), both in the same run.
 
 Each server runs alone while it is measured (2 s of warm-up at the offered rate first). Prints one
 JSON line per (server, rate) and a table with p99 loraforge / p99 baseline.
@@ -36,7 +41,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -87,6 +92,7 @@ class Server:
     key: str
     paths: list[str]
     proc: subprocess.Popen[bytes]
+    env: dict[str, str] = field(default_factory=dict)
 
 
 def start_baseline(tmp: Path) -> Server:
@@ -125,17 +131,44 @@ def _drop_postgres_database(url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def start_loraforge(tmp: Path, target: str, workers: int, backend_env: dict[str, str]) -> Server:
-    """``loraforge serve`` (or ``api``) on a fresh home, seeded with a key, a file and a job."""
+def _hide_c_server(tmp: Path) -> str:
+    """A folder whose ``uvloop`` and ``httptools`` fail to import: uvicorn then runs on asyncio +
+    h11, as before they were dependencies."""
+    shim = tmp / "no-c-server"
+    shim.mkdir(exist_ok=True)
+    for name in ("uvloop", "httptools"):
+        (shim / f"{name}.py").write_text(f"raise ImportError('{name} hidden by api_load.py')\n")
+    return str(shim)
+
+
+def start_loraforge(
+    tmp: Path,
+    target: str,
+    workers: int,
+    backend_env: dict[str, str],
+    *,
+    src: str | None = None,
+    label: str = "",
+    c_server: bool = True,
+) -> Server:
+    """``loraforge serve`` (or ``api``) on a fresh home, seeded with a key, a file and a job.
+
+    ``src``: run the package from that source tree (e.g. ``git archive`` of an older commit).
+    """
     port = _free_port()
+    home = tmp / f"home-{uuid.uuid4().hex[:6]}"
+    path = [p for p in (None if c_server else _hide_c_server(tmp), src, os.environ.get("PYTHONPATH")) if p]
     env = {
         **os.environ,
-        "LORAFORGE_HOME": str(tmp / "home"),
+        "PYTHONPATH": os.pathsep.join(path),
+        "LORAFORGE_HOME": str(home),
         "LORAFORGE_API_PORT": str(port),
         "LORAFORGE_ENGINE_PORT": str(_free_port()),
         "HF_HUB_OFFLINE": "1",
         **backend_env,
     }
+    if backend_env.get("LORAFORGE_DATABASE_URL", "").startswith("postgresql"):
+        env["LORAFORGE_DATABASE_URL"] = _postgres_database()
     cli = [sys.executable, "-m", "loraforge"]
     created = subprocess.run(
         [*cli, "keys", "create", "--org", "bench", "--tier", "enterprise"],
@@ -148,7 +181,8 @@ def start_loraforge(tmp: Path, target: str, workers: int, backend_env: dict[str,
     cmd = [*cli, target]
     if workers != 1:
         cmd += ["--api-workers" if target == "serve" else "--workers", str(workers)]
-    log = (tmp / f"{target}.log").open("wb")
+    home.mkdir(parents=True, exist_ok=True)
+    log = (home / f"{target}.log").open("wb")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _wait_http(f"{url}/health", proc)
@@ -170,7 +204,8 @@ def start_loraforge(tmp: Path, target: str, workers: int, backend_env: dict[str,
     job.raise_for_status()
     job_id = job.json()["id"]
     paths = ["/v1/files", "/v1/fine_tuning/jobs", f"/v1/fine_tuning/jobs/{job_id}/events", "/v1/models"]
-    return Server(f"loraforge {target}", url, key, paths, proc)
+    name = f"loraforge {target}{' ' + label if label else ''}{'' if c_server else ' (asyncio+h11)'}"
+    return Server(name, url, key, paths, proc, env)
 
 
 async def _drive(server: Server, rate: float, seconds: float) -> tuple[list[float], int, float]:
@@ -243,13 +278,19 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="API processes")
     parser.add_argument("--backend", choices=["embedded", "postgres", "postgres-redis"], default="embedded")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument(
+        "--before",
+        metavar="SRC",
+        help="also run loraforge from this source folder (a src/ tree), e.g. the code before a change",
+    )
+    parser.add_argument(
+        "--no-c-server", action="store_true", help="also run this tree with uvloop and httptools hidden"
+    )
     args = parser.parse_args()
     rates = args.rate or [200.0]
     backend_env: dict[str, str] = {}
-    pg_url = None
     if args.backend.startswith("postgres"):
-        pg_url = _postgres_database()
-        backend_env["LORAFORGE_DATABASE_URL"] = pg_url
+        backend_env["LORAFORGE_DATABASE_URL"] = "postgresql"  # a fresh database per server
     if args.backend == "postgres-redis":
         backend_env["LORAFORGE_BROKER_URL"] = REDIS_URL
     print(
@@ -262,20 +303,29 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="api-load-") as tmp_name:
         tmp = Path(tmp_name)
         starters = [] if args.no_baseline else [lambda: start_baseline(tmp)]
+        if args.before:
+            starters.append(
+                lambda: start_loraforge(
+                    tmp, args.target, 1, backend_env, src=args.before, label="before", c_server=False
+                )
+            )
+        if args.no_c_server:
+            starters.append(
+                lambda: start_loraforge(tmp, args.target, args.workers, backend_env, c_server=False)
+            )
         starters.append(lambda: start_loraforge(tmp, args.target, args.workers, backend_env))
-        try:
-            for start in starters:
-                server = start()
-                try:
-                    for rate in rates:
-                        result = measure(server, rate, args.seconds, args.warmup)
-                        results.append(result)
-                        print(json.dumps(result), flush=True)
-                finally:
-                    _stop(server.proc)
-        finally:
-            if pg_url:
-                _drop_postgres_database(pg_url)
+        for start in starters:
+            server = start()
+            try:
+                for rate in rates:
+                    result = measure(server, rate, args.seconds, args.warmup)
+                    results.append(result)
+                    print(json.dumps(result), flush=True)
+            finally:
+                _stop(server.proc)
+                database = server.env.get("LORAFORGE_DATABASE_URL", "")
+                if database.startswith("postgresql"):
+                    _drop_postgres_database(database)
     print("\n| server | offered | achieved | p50 ms | p99 ms | failed | p99 / baseline p99 |")
     print("|---|---|---|---|---|---|---|")
     base = {r["offered_rps"]: r for r in results if r["server"] == "baseline"}
