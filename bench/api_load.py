@@ -242,10 +242,52 @@ async def _drive(server: Server, rate: float, seconds: float) -> tuple[list[floa
     return latencies, failures, wall
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _api_pids(server: Server) -> list[int]:
+    """The processes that answer HTTP: the server itself, or ``serve``'s API child, and their
+    worker processes (``--workers``)."""
+    root = server.proc.pid
+    if server.name.startswith("loraforge serve"):
+        api = [
+            c
+            for c in _children(root)
+            if b" api" in Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ")
+        ]
+        root = api[0] if api else root
+    return [root, *_children(root)]
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def measure(server: Server, rate: float, seconds: float, warmup: float) -> dict[str, object]:
-    """Warm up, then drive ``server`` at ``rate`` for ``seconds``; the summary."""
+    """Warm up, then drive ``server`` at ``rate`` for ``seconds``; the summary, with the server's
+    CPU time per answered request (less sensitive to other load on the machine than latency)."""
     asyncio.run(_drive(server, rate, warmup))
+    pids = _api_pids(server)
+    cpu_before, load_before = _cpu_seconds(pids), os.getloadavg()[0]
     latencies, failures, wall = asyncio.run(_drive(server, rate, seconds))
+    cpu = _cpu_seconds(pids) - cpu_before
     latencies.sort()
 
     def pct(p: float) -> float:
@@ -264,6 +306,8 @@ def measure(server: Server, rate: float, seconds: float, warmup: float) -> dict[
         "p99_ms": round(pct(99), 1),
         "max_ms": round(latencies[-1] * 1000, 1) if latencies else None,
         "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else None,
+        "server_cpu_ms_per_request": round(cpu / max(1, len(latencies)) * 1000, 2),
+        "load_average": round((load_before + os.getloadavg()[0]) / 2, 2),
     }
 
 
@@ -326,8 +370,9 @@ def main() -> None:
                 database = server.env.get("LORAFORGE_DATABASE_URL", "")
                 if database.startswith("postgresql"):
                     _drop_postgres_database(database)
-    print("\n| server | offered | achieved | p50 ms | p99 ms | failed | p99 / baseline p99 |")
-    print("|---|---|---|---|---|---|---|")
+    columns = "server | offered | achieved | p50 ms | p99 ms | failed | p99 / baseline p99"
+    print(f"\n| {columns} | server CPU ms/req | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = {r["offered_rps"]: r for r in results if r["server"] == "baseline"}
     for r in results:
         ref = base.get(r["offered_rps"])
@@ -338,7 +383,8 @@ def main() -> None:
         )
         print(
             f"| {r['server']} | {r['offered_rps']:g} | {r['achieved_rps']} | {r['p50_ms']} | "
-            f"{r['p99_ms']} | {r['failed']} | {ratio} |"
+            f"{r['p99_ms']} | {r['failed']} | {ratio} | {r['server_cpu_ms_per_request']} | "
+            f"{r['load_average']} |"
         )
 
 
