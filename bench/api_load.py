@@ -23,7 +23,8 @@ requests cycle over four GETs with a valid key: ``/v1/files``, ``/v1/fine_tuning
 ``--no-c-server`` this tree with ``uvloop`` and ``httptools`` hidden (uvicorn on asyncio + h11,
 as before they were dependencies), both in the same run.
 
-Each server runs alone while it is measured (2 s of warm-up at the offered rate first). Prints one
+Each server runs alone while it is measured (3 s of warm-up at the offered rate first; ``serve``
+once its engine is up). Prints one
 JSON line per (server, rate) and a table with p99 loraforge / p99 baseline.
 """
 
@@ -155,7 +156,7 @@ def start_loraforge(
 
     ``src``: run the package from that source tree (e.g. ``git archive`` of an older commit).
     """
-    port = _free_port()
+    port, engine_port = _free_port(), _free_port()
     home = tmp / f"home-{uuid.uuid4().hex[:6]}"
     path = [p for p in (None if c_server else _hide_c_server(tmp), src, os.environ.get("PYTHONPATH")) if p]
     env = {
@@ -163,7 +164,7 @@ def start_loraforge(
         "PYTHONPATH": os.pathsep.join(path),
         "LORAFORGE_HOME": str(home),
         "LORAFORGE_API_PORT": str(port),
-        "LORAFORGE_ENGINE_PORT": str(_free_port()),
+        "LORAFORGE_ENGINE_PORT": str(engine_port),
         "HF_HUB_OFFLINE": "1",
         **backend_env,
     }
@@ -186,6 +187,8 @@ def start_loraforge(
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     _wait_http(f"{url}/health", proc)
+    if target == "serve":  # its engine builds the model at start: measure once that is done
+        _wait_http(f"http://127.0.0.1:{engine_port}/health", proc)
     headers = {"authorization": f"Bearer {key}"}
     upload = httpx.post(
         f"{url}/v1/files",
@@ -317,7 +320,7 @@ def main() -> None:
     )
     parser.add_argument("--rate", type=float, action="append", help="offered requests/s (repeatable)")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per rate")
-    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--target", choices=["serve", "api"], default="serve")
     parser.add_argument("--workers", type=int, default=1, help="API processes")
     parser.add_argument("--backend", choices=["embedded", "postgres", "postgres-redis"], default="embedded")
