@@ -17,7 +17,8 @@ requests cycle over four GETs with a valid key: ``/v1/files``, ``/v1/fine_tuning
   read per request (the key), the same four paths.
 * **loraforge**: ``loraforge serve`` (API + worker + engine, the embedded default) or
   ``loraforge api`` alone, on a fresh home, with one org (enterprise plan: no requests/minute
-  limit), one uploaded file and one job (so the lists and the events are not empty).
+  limit), one uploaded file and one job, cancelled at once (so the lists and the events are not
+  empty, and no trainer runs during the measurement).
 
 ``--before SRC`` also runs loraforge from another source tree (the code before a change) and
 ``--no-c-server`` this tree with ``uvloop`` and ``httptools`` hidden (uvicorn on asyncio + h11,
@@ -206,6 +207,8 @@ def start_loraforge(
     )
     job.raise_for_status()
     job_id = job.json()["id"]
+    # Cancelled at once: its events stay listable, and no trainer competes for the CPU.
+    httpx.post(f"{url}/v1/fine_tuning/jobs/{job_id}/cancel", headers=headers, timeout=60).raise_for_status()
     paths = ["/v1/files", "/v1/fine_tuning/jobs", f"/v1/fine_tuning/jobs/{job_id}/events", "/v1/models"]
     name = f"loraforge {target}{' ' + label if label else ''}{'' if c_server else ' (asyncio+h11)'}"
     return Server(name, url, key, paths, proc, env)
