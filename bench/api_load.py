@@ -341,6 +341,10 @@ def main() -> None:
     backend_env: dict[str, str] = {}
     if args.backend.startswith("postgres"):
         backend_env["LORAFORGE_DATABASE_URL"] = "postgresql"  # a fresh database per server
+    if args.workers > 1 and args.backend != "postgres-redis":
+        # Several API processes share the limits' counters through Redis (loraforge api refuses
+        # to start several without).
+        backend_env["LORAFORGE_RATE_LIMIT_STORAGE_URL"] = REDIS_URL
     if args.backend == "postgres-redis":
         backend_env["LORAFORGE_BROKER_URL"] = REDIS_URL
     print(

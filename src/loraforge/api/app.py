@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from anyio import CapacityLimiter
 from fastapi import APIRouter, FastAPI
 
 from loraforge.api.auth import KeyCache
@@ -24,6 +25,8 @@ from loraforge.settings import Settings, get_settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.web import mount_web
 
+# Threads that commit request sessions (``deps.get_session``), as many as the routes' pool has.
+_COMMIT_THREADS = 40
 # Multipart framing and the form fields come on top of the file itself.
 _MULTIPART_SLACK = 64 * 1024
 
@@ -52,6 +55,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
             keys=KeyCache(sessions, settings.auth_cache_seconds),
             # Built here, on the event loop its Redis connections belong to.
             throttle=Throttle.from_settings(settings),
+            commit_threads=CapacityLimiter(_COMMIT_THREADS),
         )
         yield
         await app.state.services.engines.aclose()

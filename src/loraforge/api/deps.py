@@ -6,9 +6,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
+from anyio import CapacityLimiter, to_thread
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
-from starlette.concurrency import run_in_threadpool
 
 from loraforge.api.auth import Caller, KeyCache
 from loraforge.api.throttle import Throttle
@@ -35,6 +35,9 @@ class Services:
     # API keys -> organizations (cached), and the plans' rate limits (None: turned off).
     keys: KeyCache
     throttle: Throttle | None
+    # Threads for the request sessions' commits, apart from the routes' (see ``get_session``);
+    # None: the shared thread pool.
+    commit_threads: CapacityLimiter | None = None
 
 
 async def get_services(request: Request) -> Services:
@@ -59,16 +62,20 @@ def _finish(session: Session, failed: bool) -> None:
 async def get_session(services: ServicesDep) -> AsyncIterator[Session]:
     """One session per request, committed when the route returns without error.
 
-    Opening a session does no I/O (it connects on first use), so it is made on the event loop;
-    the commit or rollback, which may, runs on the thread pool.
+    Opening a session does no I/O (it connects on first use), so it is made on the event loop.
+    The commit or rollback, which may, runs on threads of its own (``commit_threads``): queued
+    behind the routes on the shared pool, under a burst every pool thread could be a route waiting
+    for a database connection while the sessions holding the connections wait for a thread to
+    commit and give them back (a deadlock until the connection pool's 30 s timeout).
     """
     session = services.sessions()
+    limiter = services.commit_threads
     try:
         yield session
     except BaseException:
-        await run_in_threadpool(_finish, session, True)
+        await to_thread.run_sync(_finish, session, True, limiter=limiter)
         raise
-    await run_in_threadpool(_finish, session, False)
+    await to_thread.run_sync(_finish, session, False, limiter=limiter)
 
 
 # scope="function": commit before the response is sent, so a client never reads before our write
