@@ -18,18 +18,36 @@ import typer
 from rich.console import Console
 
 from loraforge.cli_client import register as register_client_commands
+from loraforge.cli_orgs import orgs_app
 from loraforge.settings import Settings, get_settings
 
 app = typer.Typer(help="loraforge: self-hosted, OpenAI-compatible LoRA fine-tuning.", no_args_is_help=True)
 keys_app = typer.Typer(help="Manage API keys.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
+app.add_typer(orgs_app, name="orgs")
 err = Console(stderr=True)
+
+
+def _check_api_workers(settings: Settings, workers: int) -> None:
+    """Exit with the reason if ``workers`` API processes could not share the limits' counters."""
+    from loraforge.api.throttle import shared_across_processes
+
+    if workers > 1 and not shared_across_processes(settings):
+        err.print(
+            f"[red]{workers} API processes need the rate-limit counters in Redis, where every "
+            "process sees them: set LORAFORGE_RATE_LIMIT_STORAGE_URL=redis://HOST:6379/0 (or use "
+            "a Redis broker, LORAFORGE_BROKER_URL), or run one API process.[/red]"
+        )
+        raise typer.Exit(2)
 
 
 @app.command()
 def api(
     host: Annotated[str | None, typer.Option(help="Bind address (default LORAFORGE_API_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default LORAFORGE_API_PORT)")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="API processes (default LORAFORGE_API_WORKERS, 1)")
+    ] = None,
 ) -> None:
     """Run the API server (OpenAI REST under /v1)."""
     import uvicorn
@@ -37,12 +55,16 @@ def api(
     from loraforge.supervisor import follow_supervisor
 
     follow_supervisor()
+    settings = get_settings()
+    workers = workers or settings.api_workers
+    _check_api_workers(settings, workers)
     with _metrics_dir():
-        from loraforge.api.app import create_app
-
-        settings = get_settings()
+        # An import string and a factory: with several workers, uvicorn builds the app in each
+        # process (they share the metrics directory set above).
         uvicorn.run(
-            create_app(settings),
+            "loraforge.api.app:create_app_from_env",
+            factory=True,
+            workers=workers,
             host=host or settings.api_host,
             port=port or settings.api_port,
             log_level="info",
@@ -215,6 +237,9 @@ def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
 
 @app.command()
 def serve(
+    api_workers: Annotated[
+        int | None, typer.Option(min=1, help="API processes (default LORAFORGE_API_WORKERS, 1)")
+    ] = None,
     host: Annotated[str | None, typer.Option(help="API bind address (default LORAFORGE_API_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="API port (default LORAFORGE_API_PORT)")] = None,
 ) -> None:
@@ -238,6 +263,8 @@ def serve(
         )
         get_settings.cache_clear()
         settings = get_settings()
+    api_workers = api_workers or settings.api_workers
+    _check_api_workers(settings, api_workers)
     migrate(settings)
     try:
         envs = serve_children_env(settings)
@@ -248,8 +275,9 @@ def serve(
             "again, or set LORAFORGE_TRAIN_POOLS to the pools to serve.[/red]"
         )
         raise typer.Exit(2) from exc
+    args = {"engine": ["engine"], "worker": ["worker"], "api": ["api", "--workers", str(api_workers)]}
     specs = [
-        ChildSpec(name, [sys.executable, "-m", "loraforge", name], envs[name])
+        ChildSpec(name, [sys.executable, "-m", "loraforge", *args[name]], envs[name])
         for name in ("engine", "worker", "api")
     ]
     supervisor = Supervisor(specs, logs_dir=settings.logs_dir)

@@ -64,3 +64,12 @@ class ServiceUnavailableError(LoraforgeError):
     status_code = 503
     error_type = "server_error"
     default_code = "service_unavailable"
+
+
+class RateLimitError(LoraforgeError):
+    """Over the organization's requests/minute or concurrent requests, or too many failed
+    authentications from one address (429: the openai SDK waits ``Retry-After`` and retries)."""
+
+    status_code = 429
+    error_type = "requests"
+    default_code = "rate_limit_exceeded"

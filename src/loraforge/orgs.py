@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import hashlib
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from loraforge.db.models import ApiKey, Organization
 from loraforge.ids import new_id, now, random_token
+from loraforge.plans import TIERS
 
-TIERS = ("trial", "core", "scale", "enterprise")
 # An organization created without a plan (``loraforge keys create --org X``) is the operator's own
 # on a self-hosted install: no hosted-model limit. Plans with limits are chosen explicitly
-# (``--tier trial|core|scale``; see ``jobs/limits.py``).
+# (``--tier trial|core|scale``; see ``loraforge.plans``).
 DEFAULT_TIER = "enterprise"
 
 
@@ -53,3 +53,22 @@ def authenticate(session: Session, key: str) -> Organization | None:
         .where(ApiKey.key_hash == hash_key(key), ApiKey.revoked.is_(False))
     ).scalar_one_or_none()
     return row
+
+
+def lock_org(session: Session, org_id: str) -> None:
+    """Serialise the org's check-then-write sections (hosted-model and storage limits) until the
+    session's transaction ends.
+
+    One portable statement, a no-op UPDATE of the org's row: on PostgreSQL it takes the row's
+    lock (a second transaction waits here, then its next statement sees what the first
+    committed: READ COMMITTED takes a snapshot per statement); on SQLite it starts the write
+    transaction, which holds the database's one write lock (another writer waits for it through
+    the busy timeout). A plain count-then-insert lets two concurrent requests both pass.
+    Call it before the counts it protects.
+    """
+    session.execute(
+        update(Organization)
+        .where(Organization.id == org_id)
+        .values(tier=Organization.tier)
+        .execution_options(synchronize_session=False)
+    )

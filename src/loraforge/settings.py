@@ -138,6 +138,32 @@ class Settings(BaseSettings):
     # how long a first request that never finished (process died) stops blocking its key.
     idempotency_ttl_seconds: int = 24 * 3600
     idempotency_lock_seconds: int = 600
+
+    # API processes ``loraforge api`` (and ``serve``) runs; more than one needs the limits'
+    # counters in Redis (``rate_limit_storage_url``), where every process sees them.
+    api_workers: int = Field(default=1, ge=1)
+    # The plans' requests/minute and concurrent-request limits, and the failed-authentication
+    # limit per client address (``loraforge.plans``, ``api/ratelimit.py``).
+    rate_limits: bool = True
+    # Where the counters live: empty means Redis when the broker is Redis (shared by every API
+    # process), else this process's memory; or a ``limits`` storage URL (``redis://host:6379/0``,
+    # ``memory://``).
+    rate_limit_storage_url: str = ""
+    # The window requests/minute are counted over. 60 counts a minute; a shorter window enforces
+    # the same rate in slices (``rpm * window / 60`` per window, OpenAI's "quantized" limits),
+    # which spreads a burst out and shortens the Retry-After a client waits.
+    rate_limit_window_seconds: int = Field(default=60, ge=1, le=3600)
+    # Requests with an unknown API key from one client address, per minute, before that address
+    # gets 429s for every request with a key (0: no limit).
+    auth_failures_per_minute: int = Field(default=30, ge=0)
+    # How long an API process reuses a key's lookup (organization and limits) before reading it
+    # again: a revoked key or a changed limit takes effect within this many seconds (0: every time).
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
+    # A request's concurrency slot in Redis expires after this long even if its process died
+    # holding it (longer than the longest request: a chat stream).
+    concurrency_slot_seconds: float = Field(default=900.0, gt=0)
+    # Workers expire pending uploads and files past their ``expires_after`` this often (seconds).
+    storage_sweep_seconds: float = Field(default=60.0, gt=0)
     # Webhooks: retry n waits base * 2**(n-1) seconds, capped; ~47 h of retries with the defaults.
     webhook_retry_base_seconds: float = 5.0
     webhook_retry_max_seconds: float = 6 * 3600

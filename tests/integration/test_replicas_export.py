@@ -98,6 +98,8 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
         client = OpenAI(
             base_url=stack.base_url, api_key=stack.key(ORG, tier="trial"), max_retries=0, timeout=120
         )
+        # The subject is the trial plan's hosted-model limit; polling the job outruns its 30 rpm.
+        stack.cli("orgs", "set", ORG, "--rpm", "unlimited")
         uploaded = client.files.create(
             file=("train.jsonl", io.BytesIO(to_jsonl(chat_examples(20)))), purpose="fine-tune"
         )

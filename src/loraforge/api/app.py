@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import APIRouter, FastAPI, Request, Response
-from fastapi.responses import JSONResponse
+from anyio import CapacityLimiter
+from fastapi import APIRouter, FastAPI
 
+from loraforge.api.auth import KeyCache
 from loraforge.api.deps import Services
 from loraforge.api.errors import install_error_handlers
 from loraforge.api.idempotency import install_idempotency
 from loraforge.api.openapi import install_openapi
+from loraforge.api.ratelimit import RateLimitMiddleware
 from loraforge.api.routes import (
     chat_completions,
     files,
@@ -23,18 +25,21 @@ from loraforge.api.routes import (
 )
 from loraforge.api.schemas.common import HealthStatus
 from loraforge.api.security_headers import SecurityHeadersMiddleware
+from loraforge.api.throttle import Throttle
+from loraforge.api.upload_limits import ContentLengthLimit
 from loraforge.asgi import BodyLimitMiddleware
 from loraforge.catalog import load_catalog
 from loraforge.contracts.dispatch import Dispatcher
-from loraforge.contracts.envelope import error_body
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
 from loraforge.engines import EngineFleet
 from loraforge.ops.api_metrics import ApiMetrics
 from loraforge.ops.metrics import RequestTimer
-from loraforge.settings import Settings
+from loraforge.settings import Settings, get_settings
 from loraforge.storage import open_store
 from loraforge.web import mount_web
 
+# Threads that commit request sessions (``deps.get_session``), as many as the routes' pool has.
+_COMMIT_THREADS = 40
 # Multipart framing and the form fields come on top of the file itself.
 _MULTIPART_SLACK = 64 * 1024
 
@@ -52,16 +57,23 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
             chosen: Dispatcher = CeleryDispatcher(settings)
         else:
             chosen = dispatcher
+        sessions = make_sessionmaker(engine)
         app.state.services = Services(
             settings=settings,
-            sessions=make_sessionmaker(engine),
+            sessions=sessions,
             catalog=load_catalog(settings.models_config),
             blobs=open_store(settings),
             dispatcher=chosen,
             engines=EngineFleet.from_settings(settings),
+            keys=KeyCache(sessions, settings.auth_cache_seconds),
+            # Built here, on the event loop its Redis connections belong to.
+            throttle=Throttle.from_settings(settings),
+            commit_threads=CapacityLimiter(_COMMIT_THREADS),
         )
         yield
         await app.state.services.engines.aclose()
+        if app.state.services.throttle is not None:
+            await app.state.services.throttle.aclose()
         engine.dispose()
 
     docs = settings.api_docs  # Swagger UI and ReDoc load from a CDN: off unless asked for
@@ -79,28 +91,16 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, exempt=_has_own_limit)
     install_idempotency(app)
     uploads.install_part_limit(app)
-
-    @app.middleware("http")
-    async def upload_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        # Refuse an oversized upload before its body is read (the route also counts bytes).
-        length = request.headers.get("content-length")
-        if (
-            request.method == "POST"
-            and request.url.path == "/v1/files"
-            and length
-            and length.isdigit()
-            and int(length) > settings.max_upload_bytes + _MULTIPART_SLACK
-        ):
-            return JSONResponse(
-                error_body(
-                    f"File is larger than the {settings.max_upload_bytes} byte limit for uploads.",
-                    "invalid_request_error",
-                    "file",
-                    "file_too_large",
-                ),
-                status_code=413,
-            )
-        return await call_next(request)
+    # Refuse an oversized upload before its body is read (the route also counts bytes).
+    app.add_middleware(
+        ContentLengthLimit,
+        matches="/v1/files".__eq__,
+        limit=settings.max_upload_bytes + _MULTIPART_SLACK,
+        message=f"File is larger than the {settings.max_upload_bytes} byte limit for uploads.",
+        param="file",
+    )
+    # The plans' request limits, around everything else that runs per request.
+    app.add_middleware(RateLimitMiddleware)
 
     v1 = APIRouter(prefix="/v1")
     for module in (files, uploads, fine_tuning_jobs, models, chat_completions, webhook_endpoints):
@@ -126,3 +126,9 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
 def _has_own_limit(method: str, path: str) -> bool:
     # Uploads are limited by size settings of their own (the middlewares above).
     return method == "POST" and (path == "/v1/files" or uploads.is_part_path(path))
+
+
+def create_app_from_env() -> FastAPI:
+    """The app for the environment's settings: the factory ``loraforge api --workers N`` gives
+    uvicorn, which imports it in each worker process."""
+    return create_app(get_settings())

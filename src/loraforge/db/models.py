@@ -32,6 +32,13 @@ class Organization(Base):
     name: Mapped[str] = mapped_column(String(128), unique=True)
     tier: Mapped[str] = mapped_column(String(32), default="trial")
     created_at: Mapped[int] = mapped_column(Integer)
+    # The operator's overrides of the plan's limits (``loraforge orgs set``; ``loraforge.plans``):
+    # NULL means the plan's, -1 unlimited.
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_concurrent_requests: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_hosted_models: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    storage_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    max_pending_uploads: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class ApiKey(Base):
@@ -57,7 +64,7 @@ class FileRecord(Base):
     purpose: Mapped[str] = mapped_column(String(32), index=True)
     bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[int] = mapped_column(Integer)
-    expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expires_at: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     status: Mapped[str] = mapped_column(String(16), default="uploaded")
     status_details: Mapped[str | None] = mapped_column(Text, nullable=True)
     storage_key: Mapped[str] = mapped_column(String(512))

@@ -20,7 +20,18 @@ def make_engine(settings: Settings) -> Engine:
     url = settings.sqlalchemy_url
     if url.startswith("sqlite"):
         settings.home.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        # No cap on connections (max_overflow=-1; ten are kept open): a request holds its
+        # session's connection until its commit, which FastAPI runs after validating the response
+        # on the thread pool. With a capped pool, under a burst every pool thread could be a route
+        # waiting for a connection while the requests holding the connections wait for a thread:
+        # a stall until the 30 s pool timeout, then 500s (seen at 200 rps in bench/api_load.py).
+        # A SQLite connection is a file handle.
+        engine = create_engine(
+            url,
+            connect_args={"timeout": 30, "check_same_thread": False},
+            pool_size=10,
+            max_overflow=-1,
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -31,7 +42,9 @@ def make_engine(settings: Settings) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # The same stall as above is possible past pool_size + max_overflow requests in flight; a
+    # PostgreSQL connection is a server process, so the cap stays (50 per process).
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=40)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

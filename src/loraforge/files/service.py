@@ -5,24 +5,32 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import BinaryIO
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from loraforge.contracts.dispatch import Dispatcher
 from loraforge.db.models import FileRecord, Organization
 from loraforge.db.pagination import paginate
 from loraforge.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from loraforge.files.quota import file_is_live, reserve_storage, storage_room, too_large_for_room
 from loraforge.ids import new_id, now
+from loraforge.plans import limits_for
 from loraforge.preflight.validate import LineScanner
 from loraforge.storage.blobs import CHUNK, BlobStore
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
 
-def _limited(stream: BinaryIO, limit: int) -> Iterator[bytes]:
+def _limited(
+    stream: BinaryIO, limit: int, room: int | None = None, quota: int | None = None
+) -> Iterator[bytes]:
+    """The stream's chunks, refused as soon as they pass ``limit`` (413) or the org's storage
+    ``room`` (400; ``quota`` is its storage limit, for the message)."""
     total = 0
     while chunk := stream.read(CHUNK):
         total += len(chunk)
+        if room is not None and total > room and room < limit:
+            raise too_large_for_room(room, "file", quota)
         if total > limit:
             raise PayloadTooLargeError(
                 f"File is larger than the {limit} byte limit for uploads.", param="file"
@@ -148,7 +156,8 @@ def _store_file(
     check_purpose_and_name(purpose, filename, param="file")
     file_id = new_id("file-")
     key = f"files/{org.id}/{file_id}"
-    chunks = _limited(stream, max_bytes)
+    # Stop reading as soon as the file cannot fit (checked again, under the org's lock, below).
+    chunks = _limited(stream, max_bytes, storage_room(session, org), limits_for(org).storage_bytes)
     if purpose == "fine-tune":
         # Lines that are not JSON objects are refused now, all of them listed; the full format
         # is checked after the upload (the ``validate_file`` task).
@@ -157,6 +166,11 @@ def _store_file(
     if size == 0:
         blobs.delete(key)
         raise InvalidRequestError("The uploaded file is empty.", param="file", code="empty_file")
+    try:
+        reserve_storage(session, org, size, param="file")
+    except BaseException:
+        blobs.delete(key)
+        raise
     created = now()
     record = FileRecord(
         id=file_id,
@@ -180,8 +194,13 @@ def _store_file(
 
 
 def get_file(session: Session, org: Organization, file_id: str) -> FileRecord:
+    """The org's file ``file_id``; an expired one is gone, as if deleted.
+
+    Raises:
+        NotFoundError: no such live file for this organization.
+    """
     record = session.execute(
-        select(FileRecord).where(FileRecord.id == file_id, FileRecord.org_id == org.id)
+        select(FileRecord).where(FileRecord.id == file_id, FileRecord.org_id == org.id, file_is_live())
     ).scalar_one_or_none()
     if record is None:
         raise NotFoundError(f"No such File object: {file_id}", param="file_id")
@@ -191,7 +210,7 @@ def get_file(session: Session, org: Organization, file_id: str) -> FileRecord:
 def list_files(
     session: Session, org: Organization, *, purpose: str | None, after: str | None, limit: int, order: str
 ) -> tuple[list[FileRecord], bool]:
-    stmt = select(FileRecord).where(FileRecord.org_id == org.id)
+    stmt = select(FileRecord).where(FileRecord.org_id == org.id, file_is_live())
     if purpose:
         stmt = stmt.where(FileRecord.purpose == purpose)
     return paginate(session, stmt, FileRecord, after=after, limit=limit, descending=order == "desc")
@@ -203,3 +222,28 @@ def delete_file(session: Session, blobs: BlobStore, org: Organization, file_id: 
     session.flush()
     blobs.delete(record.storage_key)
     return record
+
+
+def sweep_expired_files(session: Session, blobs: BlobStore, limit: int = 100) -> int:
+    """Delete files whose ``expires_after`` has passed: rows and bytes.
+
+    Each row is deleted by a conditional statement, so several workers sweeping at once delete
+    each file once; its bytes go after its row.
+
+    Returns:
+        How many files were deleted.
+    """
+    stamp = now()
+    due = session.execute(
+        select(FileRecord.id, FileRecord.storage_key)
+        .where(FileRecord.expires_at.is_not(None), FileRecord.expires_at <= stamp)
+        .limit(limit)
+    ).all()
+    removed = 0
+    for file_id, key in due:
+        gone = session.execute(delete(FileRecord).where(FileRecord.id == file_id)).rowcount  # type: ignore[attr-defined]
+        session.commit()
+        if gone:
+            blobs.delete(key)
+            removed += 1
+    return removed

@@ -4,14 +4,19 @@ Parts (at most 64 MB each) are written to the blob store as they arrive, under
 ``uploads/{upload_id}/{part_id}``. ``complete`` concatenates the parts named in ``part_ids``, in that
 order, into an ordinary File (checking the byte count and an optional MD5) and discards the parts.
 An upload expires an hour after it was created: it is marked ``expired`` and its parts are deleted
-when it is next touched, or by :func:`sweep`, which the API runs now and then (at most once a
-minute per process, on upload requests) so abandoned parts do not pile up.
+when it is next touched, or by :func:`sweep`, which every worker runs in the background
+(``files/sweeper.py``) so abandoned parts do not pile up.
+
+Limits (``files/quota.py``): an org has at most its plan's number of pending uploads, and an
+upload reserves its declared size against the org's storage limit when it is created. A part may
+not exceed the declared size, nor bring the stored parts past it by more than one re-sent part
+(a client whose answer to a part was lost sends it again; the completed file is still exactly the
+declared size). A part over either bound is refused with a 400 and nothing of it is kept.
 """
 
 from __future__ import annotations
 
 import hashlib
-import time
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -21,6 +26,7 @@ from sqlalchemy.orm import Session
 from loraforge.contracts.dispatch import Dispatcher
 from loraforge.db.models import FileRecord, Organization, Upload, UploadPart
 from loraforge.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
+from loraforge.files.quota import reserve_pending_upload
 from loraforge.files.service import check_purpose_and_name
 from loraforge.ids import new_id, now
 from loraforge.storage.blobs import CHUNK, BlobStore
@@ -30,10 +36,8 @@ PART_MAX_BYTES = 64 * 1024 * 1024
 # upload here is capped just under 2 GiB until that column is widened.
 UPLOAD_MAX_BYTES = 2**31 - 1
 UPLOAD_TTL_SECONDS = 3600
-SWEEP_EVERY_SECONDS = 60.0
 SWEEP_BATCH = 100
-
-_last_sweep = [0.0]  # per process: when the opportunistic sweep last ran (monotonic seconds)
+PART_TOO_LARGE = "part_exceeds_upload"
 
 
 def _part_key(upload_id: str, part_id: str) -> str:
@@ -77,6 +81,7 @@ def create_upload(
             param="bytes",
             code="invalid_value",
         )
+    reserve_pending_upload(session, org, size)
     created = now()
     upload = Upload(
         id=new_id("upload_"),
@@ -123,10 +128,18 @@ def _pending(session: Session, blobs: BlobStore, org: Organization, upload_id: s
     return upload
 
 
-def _limited(stream: BinaryIO) -> Iterator[bytes]:
+def _limited(stream: BinaryIO, room: int, upload: Upload) -> Iterator[bytes]:
+    """The part's chunks, refused as soon as they pass 64 MB (413) or ``room`` (400)."""
     total = 0
     while chunk := stream.read(CHUNK):
         total += len(chunk)
+        if total > room and room < PART_MAX_BYTES:
+            raise InvalidRequestError(
+                f"The part is larger than the upload can take: {upload.id} was created for "
+                f"{upload.bytes} bytes and a part may add at most {room} more.",
+                param="data",
+                code=PART_TOO_LARGE,
+            )
         if total > PART_MAX_BYTES:
             raise PayloadTooLargeError(f"A part may be at most {PART_MAX_BYTES} bytes.", param="data")
         yield chunk
@@ -138,24 +151,22 @@ def add_part(
     """Store one part of a pending upload.
 
     Raises:
-        InvalidRequestError: the upload is not pending, the part is empty, or the parts exceed
-            what the upload can use.
+        InvalidRequestError: the upload is not pending, the part is empty, or it is larger than
+            the upload can take (``part_exceeds_upload``; see the module docstring).
         PayloadTooLargeError: the part is over 64 MB.
     """
     upload = _pending(session, blobs, org, upload_id)
     part_id = new_id("part_")
     key = _part_key(upload_id, part_id)
-    size = blobs.write_stream(key, _limited(stream), checksum=False)  # the assembled file gets one
     stored = sum(session.execute(select(UploadPart.bytes).where(UploadPart.upload_id == upload_id)).scalars())
-    # Room for one re-sent part on top of the declared size; more cannot all be completed.
-    if size == 0 or stored + size > upload.bytes + PART_MAX_BYTES:
+    # Never more than the declared size in one part; in all, the declared size plus room for one
+    # re-sent part of at most that size.
+    room = min(upload.bytes, upload.bytes + min(upload.bytes, PART_MAX_BYTES) - stored)
+    # No sidecar: the assembled file gets one.
+    size = blobs.write_stream(key, _limited(stream, max(0, room), upload), checksum=False)
+    if size == 0:
         blobs.delete(key)
-        why = (
-            "is empty"
-            if size == 0
-            else f"would bring the stored parts past the upload's {upload.bytes} bytes"
-        )
-        raise InvalidRequestError(f"The part {why}.", param="data", code="invalid_part")
+        raise InvalidRequestError("The part is empty.", param="data", code="invalid_part")
     part = UploadPart(id=part_id, upload_id=upload_id, created_at=now(), bytes=size, storage_key=key)
     session.add(part)
     try:
@@ -326,12 +337,3 @@ def sweep(session: Session, blobs: BlobStore, limit: int = SWEEP_BATCH) -> int:
         _discard(session, blobs, upload)
     session.flush()
     return len(due) + len(stray)
-
-
-def maybe_sweep(session: Session, blobs: BlobStore) -> None:
-    """:func:`sweep`, at most once every ``SWEEP_EVERY_SECONDS`` in this process."""
-    clock = time.monotonic()
-    if clock - _last_sweep[0] < SWEEP_EVERY_SECONDS:
-        return
-    _last_sweep[0] = clock
-    sweep(session, blobs)

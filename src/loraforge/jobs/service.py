@@ -14,6 +14,7 @@ from loraforge.contracts.dispatch import Dispatcher
 from loraforge.db.models import FileRecord, Job, JobEvent, Organization
 from loraforge.db.pagination import paginate
 from loraforge.errors import InvalidRequestError, NotFoundError
+from loraforge.files.quota import file_is_live
 from loraforge.ids import new_id, now
 from loraforge.jobs import checkpoints, file_checks, placement
 from loraforge.jobs.compat import servable_hyperparameters
@@ -30,7 +31,7 @@ def _check_training_file(
     """The org's fine-tune file ``file_id``; a file whose upload check failed is refused unless
     ``refuse_failed`` is False (the dry run reports on it instead)."""
     record = session.execute(
-        select(FileRecord).where(FileRecord.id == file_id, FileRecord.org_id == org.id)
+        select(FileRecord).where(FileRecord.id == file_id, FileRecord.org_id == org.id, file_is_live())
     ).scalar_one_or_none()
     if record is None:
         raise InvalidRequestError(

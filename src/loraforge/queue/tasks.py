@@ -16,6 +16,7 @@ from loraforge.contracts.dispatch import (
     VALIDATE_JOB_TASK,
 )
 from loraforge.db.session import make_engine, make_sessionmaker
+from loraforge.files.sweeper import StorageSweeper
 from loraforge.jobs import file_checks, placement
 from loraforge.ops.metrics import serve_worker_metrics, worker_metrics
 from loraforge.ops.presence import PresenceBeat
@@ -82,6 +83,12 @@ def _start_webhook_sweeper(**_: object) -> None:
     """Each worker process hands due webhook deliveries to ``deliver_webhook_task`` (see
     ``loraforge.webhooks.sweeper`` for why a poller)."""
     Sweeper(get_settings(), _sessions(), send=deliver_webhook_task.delay).start()
+
+
+@worker_ready.connect
+def _start_storage_sweeper(**_: object) -> None:
+    """Each worker process expires abandoned uploads and expired files (``loraforge.files.sweeper``)."""
+    StorageSweeper(get_settings(), _sessions()).start()
 
 
 @worker_ready.connect

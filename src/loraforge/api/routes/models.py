@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
-from loraforge.adapters import export, registry
+from loraforge.adapters import deletion, export, registry
 from loraforge.api.deps import OrgDep, Services, ServicesDep, SessionDep
 from loraforge.api.downloads import content_disposition
 from loraforge.api.schemas.models import (
@@ -87,13 +87,11 @@ def retrieve_model(services: ServicesDep, session: SessionDep, org: OrgDep, mode
 
 @router.delete("/{model:path}")
 def delete_model(services: ServicesDep, session: SessionDep, org: OrgDep, model: str) -> DeleteModelResponse:
-    """Delete one of the caller's fine-tuned models and unload it from the engines."""
+    """Delete a fine-tuned model (with its checkpoint models) or one checkpoint model: unloaded
+    from the engines, removed from storage."""
     if services.catalog.get(model) is not None:
         raise InvalidRequestError(
             f"The base model `{model}` cannot be deleted.", param="model", code="base_model_not_deletable"
         )
-    removed = registry.delete_fine_tuned_model(session, org, model)
-    session.commit()
-    services.engines.unload(removed.base_model, [removed.id])
-    export.drop_cached_exports(services.settings, removed.job_id)
-    return DeleteModelResponse(id=removed.id, deleted=True)
+    deleted = deletion.delete_model(session, services.settings, org, model, services.engines.unload)
+    return DeleteModelResponse(id=deleted.id, deleted=True)

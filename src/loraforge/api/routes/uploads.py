@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
 
-from fastapi import APIRouter, Depends, FastAPI, File, Request, Response, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi import APIRouter, Depends, FastAPI, File, UploadFile
 
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
-from loraforge.api.errors import error_body
 from loraforge.api.idempotency import idempotency
 from loraforge.api.schemas.uploads import (
     Upload,
@@ -19,6 +16,7 @@ from loraforge.api.schemas.uploads import (
     part_public,
     upload_public,
 )
+from loraforge.api.upload_limits import ContentLengthLimit
 from loraforge.asgi import StrictJSONRoute
 from loraforge.files import uploads
 
@@ -30,9 +28,8 @@ _MULTIPART_SLACK = 64 * 1024
 
 
 @router.post("", dependencies=[Depends(idempotency)])
-def create_upload(services: ServicesDep, session: SessionDep, org: OrgDep, body: UploadCreate) -> Upload:
+def create_upload(session: SessionDep, org: OrgDep, body: UploadCreate) -> Upload:
     """Create a pending upload; it expires in an hour."""
-    uploads.maybe_sweep(session, services.blobs)
     upload = uploads.create_upload(
         session,
         org,
@@ -78,24 +75,10 @@ def is_part_path(path: str) -> bool:
 
 def install_part_limit(app: FastAPI) -> None:
     """Refuse a part over 64 MB before its body is read (``add_part`` also counts the bytes)."""
-
-    @app.middleware("http")
-    async def part_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if (
-            request.method == "POST"
-            and length
-            and length.isdigit()
-            and int(length) > uploads.PART_MAX_BYTES + _MULTIPART_SLACK
-            and _PART_PATH.match(request.url.path)
-        ):
-            return JSONResponse(
-                error_body(
-                    f"A part may be at most {uploads.PART_MAX_BYTES} bytes.",
-                    "invalid_request_error",
-                    "data",
-                    "file_too_large",
-                ),
-                status_code=413,
-            )
-        return await call_next(request)
+    app.add_middleware(
+        ContentLengthLimit,
+        matches=lambda path: bool(_PART_PATH.match(path)),
+        limit=uploads.PART_MAX_BYTES + _MULTIPART_SLACK,
+        message=f"A part may be at most {uploads.PART_MAX_BYTES} bytes.",
+        param="data",
+    )
