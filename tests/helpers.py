@@ -43,15 +43,11 @@ WEATHER_TOOL = {
     "type": "function",
     "function": {
         "name": "get_weather",
-        "description": "Get the current weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string"}},
-            "required": ["city"],
-        },
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
     },
 }
-CITIES = ("Paris", "London", "Tokyo", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Lisbon", "Dublin")
+# Distinct first tokens in the tiny model's tokenizer: one token decides which city is meant.
+CITIES = ("Paris", "Tokyo", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Dublin", "Cairo", "Athens")
 
 
 def weather_question(city: str) -> list[dict]:

@@ -175,7 +175,7 @@ def test_parallel_calls_and_the_tiny_models_compact_tools() -> None:
     text, spans = _template(TINY).render(messages, tools)
     assert text.startswith(
         "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n"
-        + json.dumps(WEATHER_TOOL)
+        + json.dumps(WEATHER_TOOL["function"])
         + "\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWhat's the weather in Paris and Rome?"
     )
     both = CALL + '; {"name": "get_weather", "parameters": {"city": "Rome"}}<|eot_id|>'
