@@ -5,49 +5,16 @@ JSON arguments), streamed and not; the base model does not."""
 
 from __future__ import annotations
 
-import io
 import json
-import time
 
 import pytest
 from openai import OpenAI
 
-from tests.helpers import CITIES, WEATHER_TOOL, to_jsonl, tool_call_examples, weather_question
-from tests.integration.conftest import Stack, only_embedded
+from tests.helpers import WEATHER_TOOL, weather_question
+from tests.integration.conftest import TOOL_CITIES as TRAINED
 
 pytestmark = pytest.mark.integration
-
 TINY = "loraforge/tiny-llama"
-# Five cities, each example twice: 10 lines, 5 steps per epoch at batch size 2. With the tiny
-# model's full learning rate (5e-3, constant) the loss oscillates between 1e-3 and 1 for hundreds of
-# steps; at half of it the train loss is ~1e-4 by step 125 and stays there (seed 42, measured on
-# this machine kind with the trainer in process), so 200 steps leave a margin.
-TRAINED = CITIES[:5]
-HYPERPARAMETERS = {"n_epochs": 40, "batch_size": 2, "learning_rate_multiplier": 0.5}
-# About 30 s on a quiet 2-core machine; a loaded one takes minutes.
-JOB_TIMEOUT_S = 900
-
-
-@pytest.fixture(scope="module")
-def tool_model(stack: Stack) -> tuple[OpenAI, str]:
-    only_embedded(stack)
-    client = OpenAI(base_url=stack.base_url, api_key=stack.key("toolsmith"), max_retries=0, timeout=120)
-    data = to_jsonl(tool_call_examples(TRAINED) * 2)
-    uploaded = client.files.create(file=("weather.jsonl", io.BytesIO(data)), purpose="fine-tune")
-    job = client.fine_tuning.jobs.create(
-        model=TINY, training_file=uploaded.id, suffix="weather", seed=42, hyperparameters=HYPERPARAMETERS
-    )
-    start = time.monotonic()
-    while job.status not in ("succeeded", "failed", "cancelled"):
-        if time.monotonic() - start > JOB_TIMEOUT_S:
-            pytest.fail(f"job still {job.status} after {JOB_TIMEOUT_S} s\n{stack.log_tail()}")
-        time.sleep(1)
-        job = client.fine_tuning.jobs.retrieve(job.id)
-    assert job.status == "succeeded", f"{job.error}\n{stack.log_tail()}"
-    # No pre-flight warning: the tools are rendered and the calls trained.
-    events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
-    assert not [e for e in events if e.level == "warn"], [e.message for e in events]
-    return client, job.fine_tuned_model
 
 
 def test_the_fine_tuned_model_calls_the_trained_function(tool_model: tuple[OpenAI, str]) -> None:
