@@ -19,6 +19,6 @@ COPY src ./src
 RUN pip install --no-deps -e .
 
 VOLUME /data
-EXPOSE 8000 8100
+EXPOSE 8000 8100 9101
 ENTRYPOINT ["loraforge"]
 CMD ["serve"]

@@ -6,6 +6,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -86,9 +87,22 @@ def dispatcher() -> RecordingDispatcher:
     return RecordingDispatcher()
 
 
+def _error_has_code(response: httpx.Response) -> None:
+    """Every error the API answers carries a ``code`` (checked on every response of the unit suite)."""
+    if response.status_code < 400 or "json" not in response.headers.get("content-type", ""):
+        return
+    response.read()
+    error = response.json().get("error")
+    assert isinstance(error, dict) and error.get("code"), (
+        f"{response.request.method} {response.request.url.path} answered {response.status_code} "
+        f"without an error code: {response.text[:300]}"
+    )
+
+
 @pytest.fixture
 def api(settings: Settings, dispatcher: RecordingDispatcher) -> Iterator[TestClient]:
     with TestClient(create_app(settings, dispatcher=dispatcher)) as client:
+        client.event_hooks["response"].append(_error_has_code)
         yield client
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import subprocess
 import sys
-import time
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -31,12 +33,45 @@ def api(
     """Run the API server (OpenAI REST under /v1)."""
     import uvicorn
 
-    from loraforge.api.app import create_app
+    from loraforge.supervisor import follow_supervisor
 
-    settings = get_settings()
-    uvicorn.run(
-        create_app(settings), host=host or settings.api_host, port=port or settings.api_port, log_level="info"
-    )
+    follow_supervisor()
+    with _metrics_dir():
+        from loraforge.api.app import create_app
+
+        settings = get_settings()
+        uvicorn.run(
+            create_app(settings),
+            host=host or settings.api_host,
+            port=port or settings.api_port,
+            log_level="info",
+        )
+
+
+@contextmanager
+def _metrics_dir() -> Iterator[None]:
+    """Give this API process group its own ``PROMETHEUS_MULTIPROC_DIR`` unless the operator set one.
+
+    prometheus-client's multiprocess mode is what makes ``/metrics`` right with several uvicorn
+    worker processes (each writes its own files, any of them serves the sum). It must be set
+    before ``prometheus_client`` is imported, and must start empty: a fresh temporary directory,
+    removed on exit. One the operator sets is theirs to empty between runs.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="loraforge-api-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+    try:
+        yield
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _single_process_metrics() -> None:
+    """The worker and the engine are one process each: their metrics stay in memory (a per-job
+    gauge can then be removed), even if ``PROMETHEUS_MULTIPROC_DIR`` is in the environment."""
+    os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
 
 
 @app.command()
@@ -49,6 +84,10 @@ def worker(
         str | None, typer.Option(help="Comma-separated Celery queues (default: default + train.<pool>)")
     ] = None,
     concurrency: Annotated[int | None, typer.Option(help="Worker threads")] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve /metrics and /healthz here (default LORAFORGE_WORKER_METRICS_PORT; 0: off)"),
+    ] = None,
 ) -> None:
     """Run a Celery worker: validates files, runs trainer subprocesses, registers adapters.
 
@@ -59,7 +98,13 @@ def worker(
     from loraforge.planner.pools import resolve_pools
     from loraforge.queue.celery_app import create_celery
     from loraforge.queue.routing import worker_queues
+    from loraforge.supervisor import follow_supervisor
 
+    follow_supervisor()
+    _single_process_metrics()
+    if metrics_port is not None:  # the tasks read the settings from the environment
+        os.environ["LORAFORGE_WORKER_METRICS_PORT"] = str(metrics_port)
+        get_settings.cache_clear()
     settings = get_settings()
     if queues is None:
         served = [p.strip() for p in pools.split(",") if p.strip()] if pools else None
@@ -109,7 +154,10 @@ def engine(
     Requires ``Authorization: Bearer $LORAFORGE_ENGINE_API_KEY`` on /v1 when that is set.
     """
     from loraforge.serving.app import run_engine
+    from loraforge.supervisor import follow_supervisor
 
+    follow_supervisor()
+    _single_process_metrics()
     settings = get_settings()
     run_engine(
         settings,
@@ -121,10 +169,6 @@ def engine(
         batch_window_ms=batch_window_ms,
         api_key=settings.engine_api_key or None,
     )
-
-
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "loraforge", *args], env=env)
 
 
 def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
@@ -163,12 +207,30 @@ def serve_children_env(settings: Settings) -> dict[str, dict[str, str]]:
 
 
 @app.command()
-def serve() -> None:
-    """Run API + worker + engine as child processes (the embedded default: no servers needed)."""
+def serve(
+    host: Annotated[str | None, typer.Option(help="API bind address (default LORAFORGE_API_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="API port (default LORAFORGE_API_PORT)")] = None,
+) -> None:
+    """Run API + worker + engine as supervised child processes (the embedded default: no servers).
+
+    A child that exits is restarted with back-off; one that crashes 5 times in 60 s stops
+    everything. Each child's output goes to the console and to ``$LORAFORGE_HOME/logs/<name>.log``.
+    """
     from loraforge.db.session import migrate
     from loraforge.planner.gpus import GpuDetectionError
+    from loraforge.supervisor import ChildSpec, Supervisor
 
     settings = get_settings()
+    if host is not None or port is not None:
+        # The children read their settings from the environment, like this process.
+        os.environ.update(
+            {
+                "LORAFORGE_API_HOST": host or settings.api_host,
+                "LORAFORGE_API_PORT": str(port or settings.api_port),
+            }
+        )
+        get_settings.cache_clear()
+        settings = get_settings()
     migrate(settings)
     try:
         envs = serve_children_env(settings)
@@ -179,37 +241,26 @@ def serve() -> None:
             "again, or set LORAFORGE_TRAIN_POOLS to the pools to serve.[/red]"
         )
         raise typer.Exit(2) from exc
-    children = {name: _spawn([name], envs[name]) for name in ("engine", "worker", "api")}
-    err.print(
-        f"[bold]loraforge[/bold] API on http://{settings.api_host}:{settings.api_port}/v1, engine for "
-        f"{settings.serve_base_model} on :{settings.engine_port}, home {settings.home}, "
-        f"train pools {envs['api']['LORAFORGE_TRAIN_POOLS']}"
+    specs = [
+        ChildSpec(name, [sys.executable, "-m", "loraforge", name], envs[name])
+        for name in ("engine", "worker", "api")
+    ]
+    supervisor = Supervisor(specs, logs_dir=settings.logs_dir)
+    signal.signal(signal.SIGINT, lambda *_: supervisor.request_stop())
+    signal.signal(signal.SIGTERM, lambda *_: supervisor.request_stop())
+    err.print(serve_banner(settings, envs["api"]["LORAFORGE_TRAIN_POOLS"]), highlight=False, soft_wrap=True)
+    raise typer.Exit(supervisor.run())
+
+
+def serve_banner(settings: Settings, pools: str) -> str:
+    """Where ``serve``'s processes listen (full URLs), where the home and logs are."""
+    api = f"http://{settings.api_host}:{settings.api_port}"
+    return (
+        f"[bold]loraforge[/bold] API on {api}/v1 (health {api}/healthz, {api}/readyz, metrics "
+        f"{api}/metrics), engine for {settings.serve_base_model} on "
+        f"http://{settings.engine_host}:{settings.engine_port}, home {settings.home}, logs in "
+        f"{settings.logs_dir}, train pools {pools}"
     )
-    stopping = False
-
-    def stop(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    exit_code = 0
-    while not stopping:
-        for name, proc in children.items():
-            if proc.poll() is not None:
-                err.print(f"[red]{name} exited with code {proc.returncode}; stopping[/red]")
-                exit_code, stopping = 1, True
-        time.sleep(0.5)
-    for proc in children.values():
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + 15
-    for proc in children.values():
-        try:
-            proc.wait(max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    raise typer.Exit(exit_code)
 
 
 @app.command()

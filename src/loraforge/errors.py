@@ -12,13 +12,14 @@ class LoraforgeError(Exception):
 
     status_code = 400
     error_type = "invalid_request_error"
-    default_code: str | None = None
+    # Every error carries a ``code``: the class's unless the raise names a more precise one.
+    default_code = "invalid_request"
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
-        self.code = code if code is not None else self.default_code
+        self.code: str = code if code is not None else self.default_code
 
 
 class InvalidRequestError(LoraforgeError):
@@ -36,9 +37,12 @@ class NotFoundError(LoraforgeError):
     """The object does not exist, or belongs to another organization (404, never 403)."""
 
     status_code = 404
+    default_code = "not_found"
 
 
 class ModelNotFoundError(NotFoundError):
+    """The model is neither in the catalog nor one of the caller's fine-tuned models (404)."""
+
     default_code = "model_not_found"
 
     def __init__(self, model: str) -> None:
@@ -48,6 +52,8 @@ class ModelNotFoundError(NotFoundError):
 
 
 class PayloadTooLargeError(LoraforgeError):
+    """An upload or part over its byte limit (413)."""
+
     status_code = 413
     default_code = "file_too_large"
 

@@ -79,6 +79,13 @@ class Settings(BaseSettings):
 
     # Largest file accepted by ``POST /v1/files`` (bytes).
     max_upload_bytes: int = 100 * 1024 * 1024
+    # Largest request body of every other request, to the API and to the engine (bytes; uploads
+    # have their own limits). 8 MiB holds a 128k-token chat prompt several times over.
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Serve Swagger UI at /docs and ReDoc at /redoc. Off by default: both pages load their
+    # scripts from a CDN (an outside dependency and a weaker Content-Security-Policy);
+    # /openapi.json is always served.
+    api_docs: bool = False
     # Worker: how often the running trainer's cancel flag is checked (seconds).
     cancel_poll_seconds: float = 0.5
     # Broker polling for the filesystem transport (seconds).
@@ -105,6 +112,14 @@ class Settings(BaseSettings):
     lease_timeout_seconds: float = 60.0
     reaper_interval_seconds: float = 10.0
     requeue_after_seconds: float = 300.0
+    # After the reaper sends a job's task (re-queue, re-send, start-up), it checks this long later
+    # that a worker took it, and sends it again if not (the wait doubling up to
+    # ``requeue_after_seconds``): a lost message costs seconds, not the 300 s window.
+    requeue_check_seconds: float = 15.0
+    # Each worker process serves ``/metrics`` and ``/healthz`` on this port (0: off) and address
+    # (``loraforge.ops.metrics``); several workers on one host need a port each.
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
     # Pause: how long a worker waits for the trainer's pause checkpoint before stopping it anyway.
     pause_timeout_seconds: float = 120.0
     # Evaluate on the validation sample every N steps besides each epoch end (0: epoch ends only).
@@ -123,11 +138,29 @@ class Settings(BaseSettings):
     webhook_poll_seconds: float = 0.5
     # A dispatched delivery whose task has not started after this long is dispatched again.
     webhook_requeue_seconds: float = 300.0
+    # Webhook URLs must resolve to public addresses (no loopback, private, link-local, CGNAT,
+    # metadata...). Hosts (names or IPs) and CIDRs listed here are allowed anyway: receivers on
+    # an internal network, or 127.0.0.1 in tests. JSON list or comma-separated.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # ``POST /v1/webhook_endpoints/{id}/test``: how long the API waits for the receiver.
+    webhook_test_timeout_seconds: float = 5.0
 
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @field_validator("webhook_allowed_hosts", mode="before")
+    @classmethod
+    def _parse_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            text = value.strip()
+            return (
+                json.loads(text)
+                if text.startswith("[")
+                else [h.strip() for h in text.split(",") if h.strip()]
+            )
+        return value
 
     @field_validator("train_pools", mode="before")
     @classmethod
@@ -171,6 +204,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    @property
+    def logs_dir(self) -> Path:
+        """``loraforge serve``'s per-child log files (``api.log``, ``worker.log``, ``engine.log``)."""
+        return self.home / "logs"
 
     @property
     def exports_dir(self) -> Path:

@@ -128,6 +128,8 @@ def start_stack(home: Path, extra_env: dict[str, str], backend: str = "embedded"
         "TOKENIZERS_PARALLELISM": "false",
         # Short webhook back-off so retry tests take seconds, not minutes.
         "LORAFORGE_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
+        # The tests' webhook receivers listen on 127.0.0.1, which is refused unless allowed.
+        "LORAFORGE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         **extra_env,
     }
     log_path = home / "serve.log"

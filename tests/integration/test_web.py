@@ -80,6 +80,12 @@ class Session:
         self.errors: list[str] = []
         self.downloads: list[Any] = []
         self.page.on("pageerror", lambda exc: self.errors.append(str(exc)))
+        # The pages must work under the API's Content-Security-Policy: a blocked script, style,
+        # image or request is reported on the console (and would break the page).
+        self.page.on(
+            "console",
+            lambda msg: self.errors.append(msg.text) if "Content Security Policy" in msg.text else None,
+        )
         self.page.on("download", lambda download: self.downloads.append(download))
         self.page.on("dialog", lambda dialog: dialog.accept())  # confirm() on cancel / delete
 
@@ -356,6 +362,39 @@ def test_pause_resume_cancel_from_the_job_page(session: Session, stack: Stack, t
     assert page.is_disabled("[data-action=cancel]")
     if not pause_works:
         pytest.skip("cancel passed; pause / resume were not exercised: the server has no pause endpoint")
+
+
+def test_every_page_works_under_the_content_security_policy(session: Session, stack: Stack) -> None:
+    """Each page renders with the policy in force (the session fails on any CSP report)."""
+    s, page = session, session.page
+    key = stack.key("csp-org")
+    OpenAI(base_url=stack.base_url, api_key=key, max_retries=0).files.create(
+        file=("csp.jsonl", io.BytesIO(to_jsonl(chat_examples(10)))), purpose="fine-tune"
+    )
+    violations: list[str] = []
+    page.expose_function("reportViolation", lambda text: violations.append(text))
+    page.add_init_script(
+        "document.addEventListener('securitypolicyviolation',"
+        " e => window.reportViolation(e.violatedDirective + ' ' + e.blockedURI));"
+    )
+    sign_in(s, key)
+    policy = page.evaluate("fetch('/').then(r => r.headers.get('content-security-policy'))")
+    assert "default-src 'self'" in policy and "unsafe-inline" not in policy
+    for nav, ready in [
+        ("files", "tr[data-file]"),
+        ("models", "[data-testid=base-models]"),
+        ("jobs", "h1:has-text('Fine-tuning')"),
+    ]:
+        page.click(f"[data-nav={nav}]")
+        page.wait_for_selector(ready)
+    page.click("[data-testid=create-job]")
+    page.wait_for_selector("[data-testid=create-form]")
+    # The form offers what this machine can train: the tiny model, first and chosen.
+    assert page.input_value("select[name=model]") == TINY
+    s.go("/playground")
+    page.wait_for_selector("[data-testid=pg-input]")
+    page.wait_for_timeout(300)  # late reports
+    assert violations == [], violations
 
 
 def test_api_keeps_openai_errors_and_assets_are_local(stack: Stack) -> None:

@@ -174,7 +174,7 @@ def test_models_list_and_base_model_paths(api: TestClient, make_key) -> None:  #
         "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo",
         "klusterai/Meta-Llama-3.3-70B-Instruct-Turbo",
     } <= set(models)
-    assert models[TINY].tags == ["fine-tunable"]  # type: ignore[attr-defined]
+    assert models[TINY].tags == ["base", "fine-tunable", "servable"]  # type: ignore[attr-defined]
     assert (
         client.models.retrieve("meta-llama/Llama-3.1-8B-Instruct").id
         == "klusterai/Meta-Llama-3.1-8B-Instruct-Turbo"

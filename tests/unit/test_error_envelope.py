@@ -48,15 +48,18 @@ def test_param_from_pydantic_locations() -> None:
     assert loc_to_param(("query", "after")) == "after"
     assert loc_to_param(("body",)) is None
     extra = [{"type": "extra_forbidden", "loc": ("body", "bogus"), "msg": "Extra inputs are not permitted"}]
-    assert validation_error(extra) == ("Unrecognized request argument supplied: bogus", "bogus")
+    assert validation_error(extra) == (
+        "Unrecognized request argument supplied: bogus",
+        "bogus",
+        "unknown_parameter",
+    )
     assert validation_error([{"type": "json_invalid", "loc": ("body", 3), "msg": "x"}])[1] is None
 
 
 def test_envelope_shape_is_the_contract() -> None:
-    body = error_body("nope", "invalid_request_error")
-    assert body == {
-        "error": {"message": "nope", "type": "invalid_request_error", "param": None, "code": None}
-    }
+    body = error_body("nope", "invalid_request_error", None, "invalid_request")
+    expected = {"message": "nope", "type": "invalid_request_error", "param": None, "code": "invalid_request"}
+    assert body == {"error": expected}
     assert (
         ErrorEnvelope.model_validate(AdapterNotLoaded("ft:x").to_envelope()).error.code == "model_not_found"
     )

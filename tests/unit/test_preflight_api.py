@@ -176,6 +176,20 @@ def test_upload_check_lists_every_bad_line(api: TestClient, make_key) -> None:  
     assert client.files.list().data == []
 
 
+def test_upload_refusal_names_every_problem_not_only_broken_json(api: TestClient, make_key) -> None:  # type: ignore[no-untyped-def]
+    client = sdk(api, make_key("acme"))
+    lines = to_jsonl(chat_examples(12)).splitlines()
+    lines[1] = b'{"messages": [{"role": "user", "content": "hi"}'  # broken JSON on line 2
+    lines[9] = lines[9].replace(b'"role": "user"', b'"role": "bot"')  # an unknown role on line 10
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.files.create(file=("t.jsonl", io.BytesIO(b"\n".join(lines))), purpose="fine-tune")
+    message = exc.value.message
+    assert exc.value.code == "invalid_file_format" and "Line 2 is not" in message
+    assert "line 2: is not valid JSON" in message and "(invalid_json)" in message
+    assert "line 10: messages[1].role 'bot' is not one of" in message and "(unknown_role)" in message
+    assert "2 line(s) in all" in message
+
+
 def test_file_over_the_size_limit_is_413(api: TestClient, make_key, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     client = sdk(api, make_key("acme"))
     data = to_jsonl(chat_examples(400))

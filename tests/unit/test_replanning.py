@@ -245,7 +245,7 @@ def test_serve_does_not_start_cpu_only_when_gpu_detection_fails(
     reason; before, serve handed its children a cpu-only list for their whole life."""
     from typer.testing import CliRunner
 
-    from loraforge import cli
+    from loraforge import cli, supervisor
     from loraforge.db import session as db_session
 
     def failing() -> tuple[gpus.Gpu, ...]:
@@ -258,7 +258,7 @@ def test_serve_does_not_start_cpu_only_when_gpu_detection_fails(
     spawned: list[list[str]] = []
     monkeypatch.setattr(cli, "get_settings", lambda: auto)
     monkeypatch.setattr(db_session, "migrate", lambda _settings: None)
-    monkeypatch.setattr(cli, "_spawn", lambda args, env: spawned.append(args))
+    monkeypatch.setattr(supervisor, "Supervisor", lambda specs, **_: spawned.append([s.name for s in specs]))
     result = CliRunner().invoke(cli.app, ["serve"])
     assert result.exit_code == 2 and spawned == []
     assert "did not answer" in result.output and "LORAFORGE_TRAIN_POOLS" in result.output

@@ -279,7 +279,7 @@ def test_models() -> None:
                     "object": "model",
                     "created": entry.created,
                     "owned_by": entry.owned_by,
-                    "tags": ["fine-tunable"],
+                    "tags": ["base", "fine-tunable", "servable"],
                     "aliases": entry.aliases,
                     "context_length": entry.context_length,
                 },

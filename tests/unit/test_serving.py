@@ -22,6 +22,7 @@ from loraforge.adapters.format import read_manifest, write_manifest
 from loraforge.catalog import load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
 from loraforge.engines import EngineClient, EngineRequestError
+from loraforge.ops.metrics import EngineMetrics
 from loraforge.serving.app import create_engine_app, run_engine
 from loraforge.serving.engine import Engine, GenerationResult, load_engine
 from loraforge.serving.errors import AdapterNotLoaded, BaseModelMismatch, UnknownBaseModel
@@ -265,7 +266,8 @@ def test_load_errors(http, tiny, tmp_path):
 
 @pytest.mark.slow  # generates on several adapters
 def test_engine_lru_eviction_and_typed_errors(tiny):
-    engine = _engine(tiny, max_loaded_adapters=2)
+    metrics = EngineMetrics()
+    engine = _engine(tiny, max_loaded_adapters=2, metrics=metrics)
     with pytest.raises(AdapterNotLoaded):
         engine.generate("a", PROMPT)
     for name in ("a", "b"):
@@ -281,6 +283,11 @@ def test_engine_lru_eviction_and_typed_errors(tiny):
     assert engine.generate(BASE, PROMPT, max_tokens=4, temperature=0).completion_tokens == 4
     engine.load_adapter("d", tiny[2])
     assert engine.generate("d", PROMPT, temperature=0).text == ANSWER
+    # a, b, c (evicting b), d: four loads, one eviction, each load timed (``/metrics``).
+    sample = metrics.registry.get_sample_value
+    assert sample("loraforge_engine_adapter_loads_total") == 4
+    assert sample("loraforge_engine_adapter_evictions_total") == 1
+    assert sample("loraforge_engine_adapter_load_seconds_count") == 4
     with pytest.raises(AdapterNotLoaded):
         engine.unload_adapter("zzz")
     mismatch = engine.entry.model_copy(update={"id": "other/model", "aliases": []})
@@ -335,14 +342,37 @@ def test_stream_cancel_stops_generation(engine):
 def test_factory_lifespan_and_api_key(tmp_path):
     settings = Settings(home=tmp_path)
     app = create_engine_app(lambda: load_engine(settings, BASE, max_loaded_adapters=2), api_key="sekret")
-    with TestClient(app) as client:  # the factory runs at startup, not before
-        health = client.get("/health").json()
+    with TestClient(app) as client:  # the factory runs at startup, in the background
+        answer = client.get("/health")
+        deadline = time.monotonic() + 60
+        while answer.status_code == 503 and time.monotonic() < deadline:
+            assert answer.json()["error"]["code"] == "engine_not_ready"  # honest while loading
+            time.sleep(0.05)
+            answer = client.get("/health")
+        health = answer.json()
         assert (health["status"], health["base_model"], health["adapters"]) == ("ok", BASE, [])
         denied = client.get("/v1/models")
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
         assert client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
     with pytest.raises(UnknownBaseModel):
         run_engine(settings, "nope/not-in-catalog")
+
+
+def test_an_engine_that_cannot_load_its_model_says_why_and_asks_to_stop() -> None:
+    failures: list[BaseException] = []
+
+    def factory():  # type: ignore[no-untyped-def]
+        raise OSError("no weights at /models/nope")
+
+    with TestClient(create_engine_app(factory, on_load_failure=failures.append)) as client:
+        deadline = time.monotonic() + 10
+        while not failures and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answer = client.get("/health")
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "engine_not_ready"
+    message = answer.json()["error"]["message"]
+    assert "could not load its base model: OSError: no weights at /models/nope" in message
+    assert [type(exc) for exc in failures] == [OSError]
 
 
 def _serve(app) -> tuple[str, object, threading.Thread]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -21,7 +22,6 @@ from referencing.jsonschema import DRAFT202012
 from loraforge.catalog import load_catalog
 from loraforge.serving.app import create_engine_app
 from loraforge.serving.chat import normalize_messages
-from loraforge.serving.generation import GenerationRequest, GenerationResult
 from loraforge.serving.tools import NO_TOOLS, ToolPlan, tool_prompt
 from tests.helpers import WEATHER_TOOL, weather_question
 from tests.unit.test_openapi_schemas import EXTRACT
@@ -59,6 +59,26 @@ def assert_valid(instance: Any, schema_name: str) -> None:
     assert not errors, f"{schema_name}: " + "; ".join(errors[:5])
 
 
+@dataclass(frozen=True)
+class Request:
+    """What the app reads of ``serving.generation.GenerationRequest`` (that module imports torch)."""
+
+    model: str
+    tool_format: str | None
+    prefill: str
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """``serving.generation.GenerationResult``'s fields."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
 class ScriptedEngine:
     """The engine's request side for real (messages, tools, template, forced prefix); the model's
     output is whatever the test scripts, streamed in small pieces."""
@@ -74,27 +94,27 @@ class ScriptedEngine:
 
     def prepare(
         self, model_name: str, messages: Sequence[Mapping[str, Any]], *, tools: ToolPlan = NO_TOOLS, **kw: Any
-    ) -> GenerationRequest:
+    ) -> Request:
         chat = normalize_messages(messages)
         template = self.entry.chat_template_text
         if model_name == OLD:
             template = template.replace("loraforge:tool_format", "no")
         fmt, prefill = tool_prompt(model_name, template, tools)
         self.prepared.append({"chat": chat, "tools": tools.tools, "prefill": prefill})
-        return GenerationRequest(model_name, None, (1, 2, 3), 64, (0,), (), 0.0, 1.0, None, fmt, prefill)
+        return Request(model_name, fmt, prefill)
 
-    def _result(self, request: GenerationRequest) -> GenerationResult:
+    def _result(self, request: Request) -> Result:
         # The completion continues the forced prefix: the script holds the whole answer.
         text = self.output.removeprefix(request.prefill)
-        return GenerationResult(text, 3, max(1, len(text) // 4), "stop")
+        return Result(text, 3, max(1, len(text) // 4), "stop")
 
-    def run(self, request: GenerationRequest) -> GenerationResult:
+    def run(self, request: Request) -> Result:
         return self._result(request)
 
-    def run_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+    def run_many(self, requests: Sequence[Request]) -> list[Result]:
         return [self._result(r) for r in requests]
 
-    def run_stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Any]:
+    def run_stream(self, request: Request, cancel: threading.Event | None = None) -> Iterator[Any]:
         result = self._result(request)
         yield from (result.text[i : i + 5] for i in range(0, len(result.text), 5))
         yield result
@@ -268,6 +288,7 @@ def test_sdk_sees_400_for_tool_choice_without_tools(sdk: OpenAI) -> None:
     assert info.value.param == "tool_choice"
 
 
+@pytest.mark.slow  # builds the tiny model (torch)
 def test_the_engine_prompt_is_the_trained_text_up_to_the_call(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from loraforge.catalog.loading import load_model, load_tokenizer
     from loraforge.serving.engine import Engine

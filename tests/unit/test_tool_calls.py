@@ -269,6 +269,7 @@ def _random_tool_lines(n: int, seed: int = 7) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("model", [TINY, LLAMA])
+@pytest.mark.slow  # builds the tiny model and its tokenizer with transformers (torch)
 def test_token_counts_equal_the_trainers_labels(model: str, entry, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
     from loraforge.catalog.loading import load_tokenizer
     from loraforge.trainer.data import _validate_example, tokenize_example
@@ -303,6 +304,7 @@ def test_token_counts_equal_the_trainers_labels(model: str, entry, models_dir: P
     assert (report.tokens.total_tokens, report.tokens.trained_tokens) == (total, trained)
 
 
+@pytest.mark.slow  # builds the tiny model and its tokenizer with transformers (torch)
 def test_labels_cover_the_call_and_the_answer_only(entry, models_dir: Path) -> None:  # type: ignore[no-untyped-def]
     from loraforge.catalog.loading import load_tokenizer
     from loraforge.trainer.data import IGNORE_INDEX, _validate_example, tokenize_example

@@ -40,6 +40,12 @@ def verifier(secret: str) -> OpenAI:
 
 
 @pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # The receiver runs on 127.0.0.1, which webhook URLs may not name unless the operator allows it.
+    return settings.model_copy(update={"webhook_allowed_hosts": ["127.0.0.1"]})
+
+
+@pytest.fixture
 def receiver() -> Iterator[Receiver]:
     with webhook_receiver() as r:
         yield r
@@ -151,7 +157,8 @@ def test_test_event_reaches_the_receiver_signed(api: TestClient, make_key, recei
 
     receiver.fail_first["/down"] = 1
     down = client.webhooks.update(endpoint.id, url=f"{receiver.url}/down")
-    assert client.webhooks.test(down.id, event_type=SUCCEEDED).status_code == 503
+    failed = client.webhooks.test(down.id, event_type=SUCCEEDED)
+    assert failed.status_code == 503 and failed.success is False
     client.webhooks.update(endpoint.id, url="http://127.0.0.1:9/nothing-listens")
     with pytest.raises(openai.BadRequestError) as exc:
         client.webhooks.test(endpoint.id, event_type=SUCCEEDED)
@@ -232,7 +239,10 @@ def test_retries_back_off_with_a_stable_webhook_id(  # type: ignore[no-untyped-d
     api: TestClient, make_key, sessions: sessionmaker[Session], receiver: Receiver
 ) -> None:
     settings = Settings(
-        home=api.app.state.services.settings.home, webhook_retry_base_seconds=0.2, webhook_poll_seconds=0.02
+        home=api.app.state.services.settings.home,
+        webhook_allowed_hosts=["127.0.0.1"],
+        webhook_retry_base_seconds=0.2,
+        webhook_poll_seconds=0.02,
     )
     key = make_key("acme")
     endpoint = sdk(api, key).webhooks.create(
@@ -269,7 +279,10 @@ def test_gives_up_after_max_attempts_and_deleted_endpoints_cancel(  # type: igno
     api: TestClient, make_key, sessions: sessionmaker[Session], receiver: Receiver
 ) -> None:
     settings = Settings(
-        home=api.app.state.services.settings.home, webhook_retry_base_seconds=0, webhook_max_attempts=2
+        home=api.app.state.services.settings.home,
+        webhook_allowed_hosts=["127.0.0.1"],
+        webhook_retry_base_seconds=0,
+        webhook_max_attempts=2,
     )
     key = make_key("acme")
     client = sdk(api, key)

@@ -352,7 +352,9 @@ def export_archive(
         )
     except AdapterExportError as exc:
         if export_format == "peft":
-            raise InvalidRequestError(f"`{model.name}` cannot be exported: {exc}", param="model") from exc
+            raise InvalidRequestError(
+                f"`{model.name}` cannot be exported: {exc}", param="model", code="model_not_exportable"
+            ) from exc
         raise ServiceUnavailableError(f"Exporting `{model.name}` failed: {exc}") from exc
     return archive_root(model.name, "-merged") + ".tar", merged_export(merged, entry, model.name)
 

@@ -11,13 +11,26 @@ from fastapi.responses import JSONResponse
 from loraforge.api.deps import Services
 from loraforge.api.errors import install_error_handlers
 from loraforge.api.idempotency import install_idempotency
-from loraforge.api.routes import chat_completions, files, fine_tuning_jobs, models, uploads, webhook_endpoints
+from loraforge.api.openapi import install_openapi
+from loraforge.api.routes import (
+    chat_completions,
+    files,
+    fine_tuning_jobs,
+    models,
+    operations,
+    uploads,
+    webhook_endpoints,
+)
 from loraforge.api.schemas.common import HealthStatus
+from loraforge.api.security_headers import SecurityHeadersMiddleware
+from loraforge.asgi import BodyLimitMiddleware
 from loraforge.catalog import load_catalog
 from loraforge.contracts.dispatch import Dispatcher
 from loraforge.contracts.envelope import error_body
 from loraforge.db.session import make_engine, make_sessionmaker, migrate
 from loraforge.engines import EngineFleet
+from loraforge.ops.api_metrics import ApiMetrics
+from loraforge.ops.metrics import RequestTimer
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.web import mount_web
@@ -51,8 +64,19 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
         await app.state.services.engines.aclose()
         engine.dispose()
 
-    app = FastAPI(title="loraforge", version="0.1.0", lifespan=lifespan)
+    docs = settings.api_docs  # Swagger UI and ReDoc load from a CDN: off unless asked for
+    app = FastAPI(
+        title="loraforge",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+    )
     install_error_handlers(app)
+    # Added first, so innermost: the middlewares below do not read bodies, and the app's
+    # routes read through this one directly (BaseHTTPMiddleware would wrap its 413 in a
+    # task group's exception group).
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_request_bytes, exempt=_has_own_limit)
     install_idempotency(app)
     uploads.install_part_limit(app)
 
@@ -87,6 +111,18 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     def health() -> HealthStatus:
         return HealthStatus()
 
+    # /healthz, /readyz, /metrics (``loraforge.ops``).
+    app.include_router(operations.router)
     # The web platform at `/` (static pages calling /v1 with the user's key).
     mount_web(app)
+    install_openapi(app)
+    app.add_middleware(SecurityHeadersMiddleware)
+    # Outermost, so every request is timed, refused ones included (and after the headers).
+    app.state.metrics = ApiMetrics()
+    app.add_middleware(RequestTimer, histogram=app.state.metrics.requests)
     return app
+
+
+def _has_own_limit(method: str, path: str) -> bool:
+    # Uploads are limited by size settings of their own (the middlewares above).
+    return method == "POST" and (path == "/v1/files" or uploads.is_part_path(path))

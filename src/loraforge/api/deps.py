@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -31,6 +31,8 @@ class Services:
     dispatcher: Dispatcher
     # The inference engines: chat is relayed to them, deleted models unloaded from them.
     engines: EngineFleet
+    # Base model id -> (a pool can train it, an engine serves it), filled on first listing.
+    base_model_capabilities: dict[str, tuple[bool, bool]] = field(default_factory=dict)
 
 
 def get_services(request: Request) -> Services:

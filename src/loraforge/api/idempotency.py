@@ -32,9 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Header, Request, Response
 from sqlalchemy import delete, event, select
 from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
@@ -42,7 +42,7 @@ from starlette.datastructures import UploadFile
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loraforge.api.deps import OrgDep, Services, ServicesDep, SessionDep
-from loraforge.api.errors import error_body
+from loraforge.contracts.envelope import server_error_body
 from loraforge.db.models import IdempotencyKey
 from loraforge.db.session import session_scope
 from loraforge.errors import InvalidRequestError, LoraforgeError
@@ -174,15 +174,30 @@ def _claim(services: Services, org_id: str, key: str, method: str, path: str, fi
     raise IdempotencyKeyInUseError(f"A request with Idempotency-Key '{key}' is still being processed.")
 
 
-async def idempotency(request: Request, services: ServicesDep, session: SessionDep, org: OrgDep) -> None:
+async def idempotency(
+    request: Request,
+    services: ServicesDep,
+    session: SessionDep,
+    org: OrgDep,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Makes the create safe to retry: the same key and request within 24 h "
+            "returns the first response (1 to 255 characters).",
+        ),
+    ] = None,
+) -> None:
     """Route dependency: claim the request's ``Idempotency-Key`` or answer its replay.
+
+    The header is declared (not only read) so that ``/openapi.json`` documents it.
 
     Raises:
         InvalidRequestError: the key is too long, or was used with a different request.
         IdempotencyKeyInUseError: the first request with this key is still running.
         IdempotentReplay: handled by :func:`install_idempotency`'s handler (the stored response).
     """
-    key = request.headers.get(HEADER)
+    key = idempotency_key
     if key is None:
         return
     holder = request.scope.get(_SCOPE_KEY)
@@ -216,9 +231,7 @@ def _finish(services: Services, holder: _Holder, status: int, body: bytes) -> No
 
 
 # What ServerErrorMiddleware answers for an unhandled exception (api/errors.py ``_unexpected``).
-_SERVER_ERROR = json.dumps(
-    error_body("The server had an error while processing your request.", "server_error")
-).encode()
+_SERVER_ERROR = json.dumps(server_error_body()).encode()
 
 
 class IdempotencyMiddleware:

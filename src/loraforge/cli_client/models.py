@@ -19,14 +19,16 @@ models_app = typer.Typer(help="List, delete and export models.", no_args_is_help
 @models_app.command("list")
 @api_errors
 def list_models() -> None:
-    """Base models (fine-tunable) and your fine-tuned models."""
+    """Base models (and what this installation can do with them) and your fine-tuned models."""
     table = Table("id", "kind", "base / owner", "created")
     for m in make_client().models.list().data:
         extra = m.model_extra or {}
-        base = "fine-tunable" in (extra.get("tags") or [])
+        tags = extra.get("tags") or []
+        base = "base" in tags or "fine-tunable" in tags
+        here = [t for t in ("fine-tunable", "servable") if t in tags]
         table.add_row(
             m.id,
-            "base" if base else "fine-tuned",
+            f"base ({', '.join(here) or 'not here'})" if base else "fine-tuned",
             (m.owned_by if base else extra.get("parent")) or "-",
             fmt_time(m.created),
         )

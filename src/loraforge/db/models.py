@@ -270,3 +270,22 @@ class UploadPart(Base):
     created_at: Mapped[int] = mapped_column(Integer)
     bytes: Mapped[int] = mapped_column(BigInteger)
     storage_key: Mapped[str] = mapped_column(String(512))
+
+
+class WorkerHeartbeat(Base):
+    """A live worker process and the train pools it serves (``loraforge.ops.presence``).
+
+    Each worker process renews its row every ``heartbeat_seconds``; ``/readyz`` counts the fresh
+    rows per pool. A row is removed when its worker stops cleanly, and ages out otherwise.
+    """
+
+    __tablename__ = "worker_heartbeats"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    # ``host:pid``, the holder name of the job leases it takes.
+    worker_id: Mapped[str] = mapped_column(String(128), unique=True, index=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    # Names of the train pools whose queues it consumes.
+    pools: Mapped[list[Any]] = mapped_column(JSON)
+    started_at: Mapped[int] = mapped_column(Integer)
+    beat_at: Mapped[int] = mapped_column(Integer, index=True)

@@ -13,8 +13,7 @@ from loraforge.db.models import FileRecord, Organization
 from loraforge.db.pagination import paginate
 from loraforge.errors import InvalidRequestError, NotFoundError, PayloadTooLargeError
 from loraforge.ids import new_id, now
-from loraforge.preflight.report import MAX_ISSUES
-from loraforge.preflight.validate import json_issue
+from loraforge.preflight.validate import LineScanner
 from loraforge.storage.blobs import CHUNK, BlobStore
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
@@ -31,43 +30,40 @@ def _limited(stream: BinaryIO, limit: int) -> Iterator[bytes]:
         yield chunk
 
 
-def _jsonl_checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
-    """Pass chunks through, checking that every non-blank line is a JSON object; at the end, refuse
-    the file listing every line that is not (up to ``MAX_ISSUES``), not only the first.
+def _scan(scanner: LineScanner, line: bytes) -> None:
+    if line.strip():
+        scanner.feed(line)
+    else:  # blank lines (a trailing one is common) are left to the pre-flight task
+        scanner.line_no += 1
 
-    Constant memory: only the unfinished last line of a chunk is held. The rest of the format
-    (messages, roles, ...) is checked after the upload by the pre-flight task.
+
+def _jsonl_checked(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """Pass chunks through, checking every line; refuse the file at the end if any line is not a
+    JSON object, listing every problem the pre-flight finds in it (up to ``MAX_ISSUES``: broken
+    JSON on line 2 and an unknown role on line 10 are both named), not only the first.
+
+    Constant memory: only the unfinished last line of a chunk is held. A file whose lines are all
+    JSON objects is accepted here; the rest of its format is then checked by the pre-flight task
+    (its ``status_details`` list the problems), as before.
     """
     pending = b""
-    line_no = 0
-    bad: list[str] = []
-    total = 0
-
-    def check(line: bytes) -> None:
-        nonlocal total
-        problem = json_issue(line)
-        if problem is not None:
-            total += 1
-            if len(bad) < MAX_ISSUES:
-                bad.append(f"line {line_no}: {problem[1]} ({problem[0]})")
-
+    scanner = LineScanner()
     for chunk in chunks:
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
-            line_no += 1
-            check(line)
+            _scan(scanner, line)
         yield chunk
     if pending:
-        line_no += 1
-        check(pending)
-    if bad:
-        first = bad[0].split(":", 1)[0].replace("line", "Line")
+        _scan(scanner, pending)
+    if scanner.first_broken is not None:
+        issues = scanner.report.errors.items
+        listed = [f"{issue} ({issue.code})" for issue in issues]
         raise InvalidRequestError(
             "Expected file to have JSONL format, where every line is a JSON object. "
-            f"{first} is not; {total} line(s) in all: "
-            + "; ".join(bad)
-            + ("; ..." if total > len(bad) else ""),
+            f"Line {scanner.first_broken} is not; {scanner.bad_lines} line(s) in all have problems: "
+            + "; ".join(listed)
+            + ("; ..." if scanner.report.errors.total > len(issues) else ""),
             param="file",
             code="invalid_file_format",
         )
@@ -77,7 +73,9 @@ def check_purpose_and_name(purpose: str, filename: str, *, param: str) -> None:
     """Refuse an unknown purpose, or a fine-tune file that is not ``.jsonl`` (reported as ``param``)."""
     if purpose not in UPLOAD_PURPOSES:
         raise InvalidRequestError(
-            f"'{purpose}' is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'", param="purpose"
+            f"'{purpose}' is not one of {', '.join(UPLOAD_PURPOSES)} - 'purpose'",
+            param="purpose",
+            code="invalid_purpose",
         )
     if purpose == "fine-tune" and not filename.endswith(".jsonl"):
         raise InvalidRequestError(

@@ -72,7 +72,11 @@ def create_upload(
     """
     check_purpose_and_name(purpose, filename, param="filename")
     if size < 1 or size > UPLOAD_MAX_BYTES:
-        raise InvalidRequestError(f"bytes must be between 1 and {UPLOAD_MAX_BYTES}.", param="bytes")
+        raise InvalidRequestError(
+            f"bytes must be an integer from 1 to {UPLOAD_MAX_BYTES}; got {size}.",
+            param="bytes",
+            code="invalid_value",
+        )
     created = now()
     upload = Upload(
         id=new_id("upload_"),
@@ -151,7 +155,7 @@ def add_part(
             if size == 0
             else f"would bring the stored parts past the upload's {upload.bytes} bytes"
         )
-        raise InvalidRequestError(f"The part {why}.", param="data")
+        raise InvalidRequestError(f"The part {why}.", param="data", code="invalid_part")
     part = UploadPart(id=part_id, upload_id=upload_id, created_at=now(), bytes=size, storage_key=key)
     session.add(part)
     try:
@@ -209,9 +213,13 @@ def _assemble(
     """The File made of ``part_ids``, stored (not committed); the upload marked completed."""
     upload = _pending(session, blobs, org, upload_id)
     if not part_ids:
-        raise InvalidRequestError("part_ids must name at least one part.", param="part_ids")
+        raise InvalidRequestError(
+            "part_ids must name at least one part.", param="part_ids", code="invalid_part_ids"
+        )
     if len(set(part_ids)) != len(part_ids):
-        raise InvalidRequestError("part_ids names a part more than once.", param="part_ids")
+        raise InvalidRequestError(
+            "part_ids names a part more than once.", param="part_ids", code="invalid_part_ids"
+        )
     parts = {
         p.id: p
         for p in session.execute(select(UploadPart).where(UploadPart.upload_id == upload_id)).scalars()
@@ -219,7 +227,9 @@ def _assemble(
     unknown = [p for p in part_ids if p not in parts]
     if unknown:
         raise InvalidRequestError(
-            f"No such part in upload {upload_id}: {', '.join(unknown[:5])}", param="part_ids"
+            f"No such part in upload {upload_id}: {', '.join(unknown[:5])}",
+            param="part_ids",
+            code="invalid_part_ids",
         )
     total = sum(parts[p].bytes for p in part_ids)
     if total != upload.bytes:

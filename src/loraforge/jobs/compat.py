@@ -87,5 +87,6 @@ def servable_hyperparameters(catalog: Catalog, base: str, params: JobCreateParam
             f"max_seq_length {hyper['max_seq_length']} is longer than {entry.id}'s context length "
             f"{entry.context_length}.",
             param=f"{where}.max_seq_length",
+            code="max_seq_length_too_long",
         )
     return hyper

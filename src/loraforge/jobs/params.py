@@ -10,28 +10,48 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from loraforge.contracts.ranges import explained, int_range
+
 Auto = Literal["auto"]
 
 
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: Auto | Annotated[int, Field(ge=1, le=256)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[float, Field(gt=0, le=100)] = "auto"
-    n_epochs: Auto | Annotated[int, Field(ge=1, le=50)] = "auto"
+    # Each refusal says the whole range and the value sent (``contracts.ranges.explained``).
+    batch_size: Annotated[
+        Auto | Annotated[int, Field(ge=1, le=256)], explained(f"'auto' or {int_range(1, 256)}")
+    ] = "auto"
+    learning_rate_multiplier: Annotated[
+        Auto | Annotated[float, Field(gt=0, le=100)],
+        explained("'auto' or a number greater than 0 and at most 100"),
+    ] = "auto"
+    n_epochs: Annotated[
+        Auto | Annotated[int, Field(ge=1, le=50)], explained(f"'auto' or {int_range(1, 50)}")
+    ] = "auto"
     # LoRA knobs and schedule (Together / Nebius names); None means the base model's default from
     # the catalog, filled in at creation. Whether the engines can serve the result is checked
     # against the base's serving target by ``jobs/compat.py``.
-    lora_r: Annotated[int, Field(ge=1, le=1024)] | None = None
-    lora_alpha: Annotated[int, Field(ge=1, le=4096)] | None = None
-    lora_dropout: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    lora_r: Annotated[Annotated[int, Field(ge=1, le=1024)] | None, explained(int_range(1, 1024))] = None
+    lora_alpha: Annotated[Annotated[int, Field(ge=1, le=4096)] | None, explained(int_range(1, 4096))] = None
+    lora_dropout: Annotated[
+        Annotated[float, Field(ge=0.0, lt=1.0)] | None, explained("a number from 0 up to (not including) 1")
+    ] = None
     # Module names, or "all-linear" (every linear projection of a block, the default).
-    lora_target_modules: (
-        Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)] | None
-    ) = None
-    max_seq_length: Annotated[int, Field(ge=8)] | None = None
-    warmup_ratio: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    weight_decay: Annotated[float, Field(ge=0.0, le=10.0)] | None = None
+    lora_target_modules: Annotated[
+        Annotated[list[Annotated[str, StringConstraints(min_length=1)]], Field(min_length=1)] | None,
+        explained("'all-linear', or a non-empty list (or comma-separated string) of module names"),
+    ] = None
+    max_seq_length: Annotated[
+        Annotated[int, Field(ge=8)] | None,
+        explained("an integer of at least 8 (and at most the base model's context length)"),
+    ] = None
+    warmup_ratio: Annotated[
+        Annotated[float, Field(ge=0.0, le=1.0)] | None, explained("a number from 0 to 1")
+    ] = None
+    weight_decay: Annotated[
+        Annotated[float, Field(ge=0.0, le=10.0)] | None, explained("a number from 0 to 10")
+    ] = None
 
     @field_validator("batch_size", "n_epochs", "learning_rate_multiplier", mode="before")
     @classmethod
@@ -78,11 +98,17 @@ class JobCreateParams(BaseModel):
     validation_file: str | None = None
     hyperparameters: Hyperparameters | None = None
     method: Method | None = None
-    suffix: (
-        Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")] | None
-    ) = None
-    seed: Annotated[int, Field(ge=0, le=2147483647)] | None = None
-    metadata: Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None = None
+    suffix: Annotated[
+        Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")] | None,
+        explained("1 to 64 characters from A-Z, a-z, 0-9, '_', '.' and '-'"),
+    ] = None
+    seed: Annotated[
+        Annotated[int, Field(ge=0, le=2147483647)] | None, explained(int_range(0, 2147483647))
+    ] = None
+    metadata: Annotated[
+        Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None,
+        explained("an object of at most 16 string keys (64 characters) and string values (512)"),
+    ] = None
     integrations: list[Integration] | None = None
     # loraforge extension: validate the files and estimate the run without creating a job.
     dry_run: bool | None = None

@@ -107,6 +107,16 @@ def plan_for(settings: Settings, entry: BaseModelEntry, hyperparameters: dict[st
     return result
 
 
+def can_train(settings: Settings, entry: BaseModelEntry) -> bool:
+    """Whether a worker pool of this deployment can train ``entry`` with its default LoRA
+    settings and sequence length (what ``/v1/models`` and the web form offer)."""
+    try:
+        plan_for(settings, entry, {})
+    except InvalidRequestError:
+        return False
+    return True
+
+
 def public_plan(plan: dict[str, Any] | None) -> dict[str, Any] | None:
     """The part of a stored plan the API shows (the job and the dry run)."""
     if plan is None:

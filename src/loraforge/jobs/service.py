@@ -33,14 +33,20 @@ def _check_training_file(
         select(FileRecord).where(FileRecord.id == file_id, FileRecord.org_id == org.id)
     ).scalar_one_or_none()
     if record is None:
-        raise InvalidRequestError(f"invalid {param}: {file_id} (no such file)", param=param)
+        raise InvalidRequestError(
+            f"invalid {param}: {file_id} (no such file)", param=param, code="file_not_found"
+        )
     if record.purpose != "fine-tune":
         raise InvalidRequestError(
-            f"invalid {param}: {file_id} has purpose '{record.purpose}', expected 'fine-tune'", param=param
+            f"invalid {param}: {file_id} has purpose '{record.purpose}', expected 'fine-tune'",
+            param=param,
+            code="invalid_file_purpose",
         )
     if refuse_failed and record.status == "error":
         raise InvalidRequestError(
-            f"invalid {param}: {file_id} failed validation: {record.status_details}", param=param
+            f"invalid {param}: {file_id} failed validation: {record.status_details}",
+            param=param,
+            code=f"invalid_{param}",
         )
     return record
 
@@ -68,6 +74,7 @@ def _check_method(params: JobCreateParams) -> None:
         raise InvalidRequestError(
             f"method.type '{params.method.type}' is not supported yet; use 'supervised'.",
             param="method.type",
+            code="unsupported_method",
         )
 
 

@@ -169,6 +169,39 @@ def parse_line(raw: bytes) -> tuple[Any, tuple[str, str] | None]:
         )
 
 
+# Problems that make a line not one JSON object: what ``POST /v1/files`` refuses a file for.
+JSON_LEVEL_CODES = frozenset({"invalid_utf8", "unsupported_line_break", "invalid_json", "not_a_json_object"})
+
+
+class LineScanner:
+    """Check lines one at a time, for a stream that something else consumes (an upload).
+
+    The same checks as :func:`scan_lines` without token counts; ``bad_lines`` counts the lines
+    with at least one error, ``first_broken`` the first line that is not one JSON object.
+    """
+
+    def __init__(self) -> None:
+        self.report = FileReport()
+        self._checker = _LineChecker(self.report, None, False)
+        self.line_no = 0
+        self.bad_lines = 0
+        self.first_broken: int | None = None
+
+    def feed(self, raw: bytes) -> None:
+        """Check the next line (with or without its ``\\n``)."""
+        self.line_no += 1
+        before = self.report.errors.total
+        obj, problem = parse_line(raw)
+        if problem is not None:
+            self.report.error(problem[0], problem[1], self.line_no)
+        else:
+            self._checker.check(self.line_no, obj)
+        broken = problem[0] in JSON_LEVEL_CODES if problem is not None else not isinstance(obj, dict)
+        if broken and self.first_broken is None:
+            self.first_broken = self.line_no
+        self.bad_lines += self.report.errors.total > before
+
+
 def json_issue(raw: bytes) -> tuple[str, str] | None:
     """``(code, message)`` if ``raw`` is not one JSON object (blank lines pass: they are left to the
     full validation), else None. What ``POST /v1/files`` refuses synchronously."""

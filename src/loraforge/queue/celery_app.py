@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from celery import Celery
 
+from loraforge.queue.fs_broker import TRANSPORT
 from loraforge.queue.routing import DEFAULT_QUEUE
 from loraforge.settings import Settings
 
@@ -26,6 +27,8 @@ def create_celery(settings: Settings) -> Celery:
         folders = {name: root / name for name in ("queue", "processed", "control")}
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)
+        # kombu's filesystem transport, made atomic (``queue/fs_broker.py`` says why).
+        conf["broker_transport"] = TRANSPORT
         conf["broker_transport_options"] = {
             "data_folder_in": str(folders["queue"]),
             "data_folder_out": str(folders["queue"]),

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.contracts.dispatch import (
@@ -16,7 +17,9 @@ from loraforge.contracts.dispatch import (
 )
 from loraforge.db.session import make_engine, make_sessionmaker
 from loraforge.jobs import file_checks, placement
-from loraforge.queue.routing import train_queue
+from loraforge.ops.metrics import serve_worker_metrics, worker_metrics
+from loraforge.ops.presence import PresenceBeat
+from loraforge.queue.routing import TRAIN_QUEUE_PREFIX, train_queue
 from loraforge.settings import get_settings
 from loraforge.webhooks import delivery
 from loraforge.webhooks.sweeper import Sweeper
@@ -61,7 +64,7 @@ def train_job_task(job_id: str, wait_token: int | None = None) -> None:
     If its GPUs are busy, the task is sent again after ``gpu_wait_seconds`` (the job stays queued).
     """
     settings = get_settings()
-    token = training.run_training(settings, _sessions(), job_id, wait_token)
+    token = training.run_training(settings, _sessions(), job_id, wait_token, requeue=queue_training)
     if token is not None:
         queue_training(job_id, token, countdown=settings.gpu_wait_seconds)
 
@@ -69,7 +72,9 @@ def train_job_task(job_id: str, wait_token: int | None = None) -> None:
 @shared_task(name=DELIVER_WEBHOOK_TASK, acks_late=True)
 def deliver_webhook_task(delivery_id: str) -> None:
     """One signed attempt of a webhook delivery; a failure schedules the next one in the database."""
-    delivery.deliver(get_settings(), _sessions(), delivery_id)
+    status = delivery.deliver(get_settings(), _sessions(), delivery_id)
+    if status in ("pending", "failed"):  # this attempt failed ("failed": no retry is left)
+        worker_metrics().webhook_failed(final=status == "failed")
 
 
 @worker_ready.connect
@@ -84,3 +89,32 @@ def _start_reaper(**_: object) -> None:
     """Each worker process reconciles jobs once at start, then re-queues stale ones periodically
     (``loraforge.worker.reaper``: a SIGKILLed worker's tasks are never redelivered by Celery)."""
     Reaper(get_settings(), _sessions(), train=queue_training, validate=validate_job_task.delay).start()
+
+
+@worker_shutting_down.connect
+def _hand_jobs_back(**_: object) -> None:
+    """SIGTERM (``serve`` stopping, a deploy): running trainers stop and their jobs are queued again
+    at once, to resume from their checkpoints (``worker.training.begin_shutdown``)."""
+    training.begin_shutdown()
+
+
+@lru_cache
+def _presence() -> PresenceBeat:
+    return PresenceBeat(get_settings(), _sessions(), training.worker_id())
+
+
+@worker_ready.connect
+def _announce(sender: Any = None, **_: object) -> None:
+    """Each worker process beats a presence row naming the pools it serves (``/readyz`` counts
+    them, ``loraforge.ops.presence``) and, when ``worker_metrics_port`` is set, serves metrics."""
+    # ``sender`` is the worker's consumer; ``consume_from`` holds the queues it was started with (-Q).
+    consumed = list(sender.app.amqp.queues.consume_from or {}) if sender is not None else []
+    prefix = f"{TRAIN_QUEUE_PREFIX}."
+    _presence().start([name.removeprefix(prefix) for name in consumed if name.startswith(prefix)])
+    serve_worker_metrics(get_settings(), worker_metrics())
+
+
+@worker_shutdown.connect
+def _withdraw(**_: object) -> None:
+    """A clean stop removes the presence row at once (a killed worker's ages out)."""
+    _presence().stop()

@@ -4,13 +4,17 @@
     POST /v1/unload_lora_adapter   {"lora_name"}              -> 200 text, 404 if not loaded
     GET  /v1/models[/{model}]      the base model and the loaded adapters (``parent``/``root`` like vLLM)
     POST /v1/chat/completions      OpenAI ChatCompletion, or SSE chunks with ``stream: true``
-    GET  /health                   {"status": "ok", "base_model", "adapters"}
+    GET  /health                   {"status": "ok", "base_model", "adapters"}; 503 while loading
+    GET  /metrics                  Prometheus: request latency by route, adapter loads/evictions
 
 The request and response models of the adapter protocol are ``loraforge.contracts.engine``'s,
 shared with the client (``loraforge.engines``). Every error is the OpenAI envelope
 ``{"error": {"message", "type", "param", "code"}}`` built by ``contracts.envelope``, as the API
 builds it; a request naming a model that is not loaded gets 404 with ``code: "model_not_found"``.
-Importing this module loads no torch: the engine is built by the factory at startup (lifespan).
+Importing this module loads no torch: the engine is built by the factory at startup (lifespan),
+in the background, so the port answers at once: ``/health`` (and every route needing the model) is
+a 503 ``engine_not_ready`` until the base model is loaded. A load that fails is logged and stops
+the process with exit code 1 (``run_engine``), for a supervisor to restart.
 """
 
 from __future__ import annotations
@@ -27,9 +31,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loraforge.asgi import BodyLimitMiddleware, StrictJSONRoute
 from loraforge.contracts.engine import (
     EngineHealth,
     LoadLoRAAdapterRequest,
@@ -38,6 +44,7 @@ from loraforge.contracts.engine import (
     UnloadLoRAAdapterRequest,
 )
 from loraforge.contracts.envelope import error_body, validation_error
+from loraforge.ops.metrics import EngineMetrics, RequestTimer
 from loraforge.serving.errors import (
     AdapterNotLoaded,
     AuthenticationFailed,
@@ -63,6 +70,9 @@ if TYPE_CHECKING:
     from loraforge.settings import Settings
 
 logger = logging.getLogger(__name__)
+
+# The ``code`` of errors Starlette raises itself.
+_HTTP_CODES = {404: "unknown_url", 405: "method_not_allowed", 413: "request_too_large"}
 
 
 class ServingEngine(Protocol):
@@ -96,9 +106,12 @@ class ServingEngine(Protocol):
 
 
 def get_engine(request: Request) -> ServingEngine:
-    """The app's engine; 503 while the base model is still loading."""
+    """The app's engine; 503 while the base model is still loading (or failed to load)."""
     engine: ServingEngine | None = request.app.state.engine
     if engine is None:
+        failed: str | None = request.app.state.load_error
+        if failed:
+            raise EngineNotReady(f"The engine could not load its base model: {failed}")
         raise EngineNotReady("The engine is still loading its base model.")
     return engine
 
@@ -112,7 +125,7 @@ def check_api_key(request: Request) -> None:
 
 
 EngineDep = Annotated[ServingEngine, Depends(get_engine)]
-router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
+router = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)], route_class=StrictJSONRoute)
 health_router = APIRouter()
 
 
@@ -270,7 +283,11 @@ async def _sse_events(
         yield _event(exc.to_envelope())
     except Exception:
         logger.exception("generation failed mid-stream")
-        yield _event(error_body("The server had an error while processing your request.", "server_error"))
+        yield _event(
+            error_body(
+                "The server had an error while processing your request.", "server_error", None, "server_error"
+            )
+        )
     finally:
         cancel.set()
 
@@ -287,11 +304,21 @@ async def health(engine: EngineDep) -> EngineHealth:
     )
 
 
+@health_router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    """Prometheus metrics of this engine (``loraforge.ops.metrics``)."""
+    registry: EngineMetrics = request.app.state.metrics
+    engine: ServingEngine | None = request.app.state.engine
+    registry.loaded.set(len(engine.loaded_adapters()) if engine is not None else 0)
+    return Response(registry.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 # ------------------------------------------------------------------------------------- errors
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     # The API's reading of a failed validation, so both report the same ``param`` and message.
-    message, param = validation_error(exc.errors() if isinstance(exc, RequestValidationError) else [])
-    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=400)
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    message, param, code = validation_error(errors)
+    return JSONResponse(error_body(message, "invalid_request_error", param, code), status_code=400)
 
 
 async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
@@ -301,13 +328,21 @@ async def _engine_error(request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    body = error_body(str(exc.detail), "invalid_request_error" if exc.status_code < 500 else "server_error")
+    # Starlette's own (unknown URL, wrong method) and ``BadJSONValue`` (its own param and code).
+    body = error_body(
+        str(exc.detail),
+        "invalid_request_error" if exc.status_code < 500 else "server_error",
+        getattr(exc, "param", None),
+        getattr(exc, "code", None) or _HTTP_CODES.get(exc.status_code, "invalid_request"),
+    )
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
-    body = error_body("The server had an error while processing your request.", "server_error")
+    body = error_body(
+        "The server had an error while processing your request.", "server_error", None, "server_error"
+    )
     return JSONResponse(body, status_code=500)
 
 
@@ -317,14 +352,23 @@ def create_engine_app(
     *,
     api_key: str | None = None,
     title: str = "loraforge engine",
+    metrics: EngineMetrics | None = None,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+    max_request_bytes: int | None = None,
 ) -> FastAPI:
     """Build the engine's FastAPI app.
 
     Args:
         engine_or_factory: a ready engine (tests), or a zero-argument callable that builds one;
-            the callable runs at startup (lifespan), in a worker thread, never at import.
+            the callable runs at startup (lifespan), in a background thread, never at import.
         api_key: if set, every ``/v1`` route requires ``Authorization: Bearer <api_key>``.
         title: OpenAPI title.
+        metrics: the engine's metrics (the factory's engine should report to the same object);
+            default: a fresh one.
+        on_load_failure: called with the error when the factory fails (``run_engine`` stops
+            the server); the app keeps answering 503 with the reason either way.
+        max_request_bytes: refuse request bodies over this many bytes with a 413 before
+            parsing them (None: no limit).
 
     Returns:
         The app; serve it with uvicorn (see :func:`run_engine`).
@@ -333,25 +377,45 @@ def create_engine_app(
     engine = cast(ServingEngine, engine_or_factory) if hasattr(engine_or_factory, "prepare") else None
     factory = None if engine is not None else cast(Callable[[], ServingEngine], engine_or_factory)
 
+    def load(app: FastAPI) -> None:
+        assert factory is not None
+        try:
+            app.state.engine = factory()
+        except BaseException as exc:  # noqa: BLE001 - reported, then the process stops
+            logger.exception("the engine could not load its base model")
+            app.state.load_error = f"{type(exc).__name__}: {exc}"[:500]
+            if on_load_failure is not None:
+                on_load_failure(exc)
+            return
+        logger.info("engine ready: %s", app.state.engine.base_model)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loader = None
         if app.state.engine is None and factory is not None:
-            app.state.engine = await run_in_threadpool(factory)
-            logger.info("engine ready: %s", app.state.engine.base_model)
+            loader = threading.Thread(target=load, args=(app,), name="engine-load", daemon=True)
+            loader.start()
         yield
+        if loader is not None:
+            await run_in_threadpool(loader.join)  # a model half-loaded is not closed mid-way
         close = getattr(app.state.engine, "close", None)
         if factory is not None and callable(close):  # an engine we built: stop its batching thread
             await run_in_threadpool(close)
 
     app = FastAPI(title=title, lifespan=lifespan)
     app.state.engine = engine
+    app.state.load_error = None
     app.state.api_key = api_key
+    app.state.metrics = metrics or EngineMetrics()
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unhandled_error)
     app.include_router(router)
     app.include_router(health_router)
+    if max_request_bytes is not None:
+        app.add_middleware(BodyLimitMiddleware, limit=max_request_bytes)
+    app.add_middleware(RequestTimer, histogram=app.state.metrics.requests)
     return app
 
 
@@ -382,6 +446,7 @@ def run_engine(
 
     Raises:
         UnknownBaseModel: ``base_model`` is not in the catalog (checked before binding the port).
+        SystemExit: with code 1 when the base model could not be loaded (after logging why).
     """
     import uvicorn
 
@@ -389,6 +454,8 @@ def run_engine(
 
     if load_catalog(settings.models_config).get(base_model) is None:
         raise UnknownBaseModel(f"The base model `{base_model}` is not in the model catalog.")
+
+    metrics = EngineMetrics()
 
     def factory() -> ServingEngine:
         from loraforge.serving.engine import load_engine
@@ -399,9 +466,26 @@ def run_engine(
             max_loaded_adapters=max_loaded_adapters,
             max_batch_size=max_batch_size,
             batch_window_s=batch_window_ms / 1000,
+            metrics=metrics,
         )
 
-    app = create_engine_app(factory, api_key=api_key)
-    uvicorn.run(
+    failed: list[BaseException] = []
+
+    def stop(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    app = create_engine_app(
+        factory,
+        api_key=api_key,
+        metrics=metrics,
+        on_load_failure=stop,
+        max_request_bytes=settings.max_request_bytes,
+    )
+    config = uvicorn.Config(
         app, host=host or settings.engine_host, port=port or settings.engine_port, log_level=log_level
     )
+    server = uvicorn.Server(config)
+    server.run()
+    if failed:
+        raise SystemExit(1)

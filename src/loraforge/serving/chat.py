@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from loraforge.catalog.tool_calls import template_tool_calls
@@ -71,6 +71,33 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
             norm["tool_call_id"] = message["tool_call_id"]
         out.append(norm)
     return out
+
+
+def max_prompt_chars(vocab: Iterable[str], context_length: int) -> int:
+    """The most characters a prompt can have and still fit ``context_length`` tokens.
+
+    No token stands for more characters than its vocabulary entry is long (byte-level entries
+    spell one byte per character; added tokens are spelled out), so a text of more than
+    ``context_length * longest entry`` characters needs more than ``context_length`` tokens.
+    This bound refuses a huge prompt without tokenizing it, and never refuses one that fits.
+    """
+    return context_length * max((len(token) for token in vocab), default=1)
+
+
+def check_prompt_size(chat: Sequence[Mapping[str, str]], limit: int, context_length: int) -> None:
+    """Refuse messages whose text alone is longer than ``limit`` characters (see :func:`max_prompt_chars`).
+
+    Raises:
+        InvalidRequest: the messages cannot fit the context, whatever the tokenizer makes of them.
+    """
+    chars = sum(len(message["content"]) for message in chat)
+    if chars > limit:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context_length} tokens. However, your "
+            f"messages have {chars} characters, more than {context_length} tokens can hold.",
+            param="messages",
+            code="context_length_exceeded",
+        )
 
 
 def find_stop(text: str, stop: Sequence[str]) -> int | None:

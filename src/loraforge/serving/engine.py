@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -27,7 +28,7 @@ from loraforge.catalog import BaseModelEntry, load_catalog
 from loraforge.catalog.loading import load_model, load_tokenizer
 from loraforge.serving.adapter_host import AdapterHost
 from loraforge.serving.batching import BatchScheduler, Pending
-from loraforge.serving.chat import normalize_messages
+from loraforge.serving.chat import check_prompt_size, max_prompt_chars, normalize_messages
 from loraforge.serving.errors import (
     AdapterConflict,
     AdapterNotLoaded,
@@ -45,6 +46,7 @@ from loraforge.serving.lora import LoadedAdapter, read_adapter, split_stop_token
 from loraforge.serving.tools import NO_TOOLS, ToolPlan, tool_prompt
 
 if TYPE_CHECKING:  # the benchmark runs the engine where pydantic-settings is not installed
+    from loraforge.ops.metrics import EngineMetrics
     from loraforge.settings import Settings
 
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "LoadedAdapter", "load_engine"]
@@ -65,6 +67,7 @@ class Engine:
         batch_window_s: how long the first request of a batch waits for others to join.
         grouped_lora: run batches through grouped LoRA slots; False: PEFT's own paths (its
             per-adapter ``adapter_names`` loop). An attribute: it may be switched between batches.
+        metrics: counts adapter loads, evictions and load latency (``/metrics``), if given.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class Engine:
         max_batch_size: int = 8,
         batch_window_s: float = 0.005,
         grouped_lora: bool = True,
+        metrics: EngineMetrics | None = None,
     ) -> None:
         if max_loaded_adapters < 1:
             raise ValueError("max_loaded_adapters must be >= 1")
@@ -85,6 +89,7 @@ class Engine:
         self.max_loaded_adapters = max_loaded_adapters
         self.default_max_tokens = default_max_tokens
         self.grouped_lora = grouped_lora
+        self.metrics = metrics
         self._host = AdapterHost(model, max_loaded_adapters)
         self._device = next(model.parameters()).device
         self._tokenizer = tokenizer
@@ -98,6 +103,8 @@ class Engine:
         self._name_locks: dict[str, threading.Lock] = {}
         self._name_locks_guard = threading.Lock()
         self._base_eos, self._base_stop = split_stop_tokens(tokenizer.get_vocab(), entry.stop_tokens)
+        # Prompts longer than this are refused before the tokenizer (and its lock) sees them.
+        self._max_prompt_chars = max_prompt_chars(tokenizer.get_vocab(), entry.context_length)
         self.scheduler = BatchScheduler(
             self._run_batch, max_batch_size=max_batch_size, window_s=batch_window_s
         )
@@ -176,13 +183,18 @@ class Engine:
                         f"The lora adapter '{name}' is already loaded from {existing.path}; unload it first."
                     )
                 return False
+            started = time.perf_counter()
             adapter = read_adapter(name, path, self.entry, self._tokenizer.get_vocab())  # no model lock
             with self._model_lock:
                 while len(self._adapters) >= self.max_loaded_adapters:
                     oldest = next(iter(self._adapters))
                     logger.info("evicting least recently used adapter %s", oldest)
                     self._detach(oldest)
+                    if self.metrics is not None:
+                        self.metrics.adapter_evicted()
                 self._attach(adapter)
+            if self.metrics is not None:
+                self.metrics.adapter_loaded(time.perf_counter() - started)
             logger.info("loaded adapter %s from %s", name, path)
             return True
 
@@ -248,6 +260,7 @@ class Engine:
         else:
             template, eos_ids, stops = adapter.chat_template, adapter.eos_ids, adapter.stop_strings
         chat = normalize_messages(messages)
+        check_prompt_size(chat, self._max_prompt_chars, self.entry.context_length)
         fmt, prefill = tool_prompt(model_name, template, tools)
         try:
             with self._tokenizer_lock:
@@ -270,6 +283,7 @@ class Engine:
                 f"This model's maximum context length is {self.entry.context_length} tokens. "
                 f"However, your messages resulted in {len(input_ids)} tokens.",
                 param="messages",
+                code="context_length_exceeded",
             )
         extra_stop = [stop] if isinstance(stop, str) else list(stop or [])
         return GenerationRequest(
@@ -371,6 +385,7 @@ def load_engine(
     max_loaded_adapters: int = 16,
     max_batch_size: int = 8,
     batch_window_s: float = 0.005,
+    metrics: EngineMetrics | None = None,
 ) -> Engine:
     """Build an :class:`Engine` for ``base_model`` (a catalog id or alias) from ``settings``.
 
@@ -381,6 +396,7 @@ def load_engine(
         max_loaded_adapters: LRU capacity.
         max_batch_size: most requests per ``generate`` call.
         batch_window_s: how long a batch waits for company.
+        metrics: the engine's metrics (adapter loads and evictions), if served.
 
     Raises:
         UnknownBaseModel: the catalog has no such model.
@@ -400,4 +416,5 @@ def load_engine(
         max_loaded_adapters=max_loaded_adapters,
         max_batch_size=max_batch_size,
         batch_window_s=batch_window_s,
+        metrics=metrics,
     )

@@ -17,7 +17,7 @@ class EngineError(Exception):
 
     status_code: int = 400
     error_type: str = "invalid_request_error"
-    code: str | None = None
+    code: str = "invalid_request"
     param: str | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:

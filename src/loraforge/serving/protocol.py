@@ -9,9 +9,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from loraforge.contracts.ranges import explained, int_range
+
+# OpenAI's ``seed`` is a signed 64-bit integer; torch seeds take it (and ``seed + i`` for ``n``).
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 
 
 class _Request(BaseModel):
@@ -77,15 +82,22 @@ class ChatCompletionRequest(_Request):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, ge=0, le=1)
-    n: int | None = Field(default=None, ge=1, le=128)
+    # Each refusal says the whole range and the value sent (``contracts.ranges.explained``).
+    max_tokens: Annotated[Annotated[int, Field(ge=1)] | None, explained("a positive integer")] = None
+    max_completion_tokens: Annotated[Annotated[int, Field(ge=1)] | None, explained("a positive integer")] = (
+        None
+    )
+    temperature: Annotated[Annotated[float, Field(ge=0, le=2)] | None, explained("a number from 0 to 2")] = (
+        None
+    )
+    top_p: Annotated[Annotated[float, Field(ge=0, le=1)] | None, explained("a number from 0 to 1")] = None
+    n: Annotated[Annotated[int, Field(ge=1, le=128)] | None, explained(int_range(1, 128))] = None
     stop: str | list[str] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: Annotated[
+        Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None, explained(int_range(SEED_MIN, SEED_MAX))
+    ] = None
     logprobs: bool | None = None
     tools: list[Tool] | None = None
     # "none" | "auto" | "required" | {"type": "function", ...} | {"type": "allowed_tools", ...}:

@@ -197,10 +197,25 @@ def load_training_state(info: CheckpointInfo) -> dict[str, Any]:
     return state
 
 
+def _discard(path: Path) -> None:
+    """Delete a checkpoint directory so that no half-deleted ``step-*`` directory is ever seen.
+
+    It is first renamed to a hidden sibling (atomic), then removed: a trainer killed in between
+    leaves a hidden leftover that the next :func:`prune` removes, never a ``step-*`` directory that
+    is no longer a checkpoint yet still looks like one to the worker, whose checkpoint row then
+    outlived pruning (the row stays while the directory exists).
+    """
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.trash-", dir=path.parent))
+    path.rename(trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def prune(root: Path, keep: int, newest_step: int) -> list[Path]:
     """Keep the newest ``keep`` epoch checkpoints; drop pause checkpoints older than the newest one.
 
-    Also removes temp directories left by a run that was killed while writing.
+    Also removes temp directories left by a run that was killed while writing or deleting, and
+    ``step-*`` directories that are not complete checkpoints (a deletion interrupted before
+    deletions went through :func:`_discard`): nothing but this run's trainer writes here.
 
     Args:
         root: the run's checkpoint directory.
@@ -213,11 +228,17 @@ def prune(root: Path, keep: int, newest_step: int) -> list[Path]:
     removed = []
     checkpoints = list_checkpoints(root)
     epochs = [info for info in checkpoints if info.kind == EPOCH]
-    doomed = epochs[:-keep] if len(epochs) > keep else []
-    doomed += [info for info in checkpoints if info.kind == PAUSE and info.step < newest_step]
-    for info in doomed:
-        shutil.rmtree(info.path, ignore_errors=True)
-        removed.append(info.path)
+    doomed = [info.path for info in (epochs[:-keep] if len(epochs) > keep else [])]
+    doomed += [info.path for info in checkpoints if info.kind == PAUSE and info.step < newest_step]
+    complete = {info.path for info in checkpoints}
+    doomed += [
+        path
+        for path in sorted(root.glob(f"{PREFIX}*"))
+        if path.is_dir() and path not in complete and path.name != dir_name(newest_step)
+    ]
+    for path in doomed:
+        _discard(path)
+        removed.append(path)
     for leftover in root.glob(f".{PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     return removed

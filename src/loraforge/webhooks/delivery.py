@@ -8,6 +8,7 @@ change is a conditional UPDATE, so a duplicated task makes no second attempt.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from loraforge.db.models import WebhookDelivery, WebhookDeliveryAttempt, WebhookEndpoint
 from loraforge.db.session import session_scope
 from loraforge.settings import Settings
+from loraforge.webhooks import egress
 from loraforge.webhooks.signing import signed_headers
 
 log = logging.getLogger(__name__)
@@ -52,25 +54,88 @@ def active_secrets(endpoint: WebhookEndpoint, at: float) -> list[str]:
     return found
 
 
-def post_signed(
-    url: str, webhook_id: str, body: str, signing_secrets: list[str], timeout: float
-) -> AttemptResult:
-    """POST ``body`` to ``url`` with fresh Standard Webhooks headers; never raises for HTTP trouble."""
-    headers = {
+def _headers(webhook_id: str, body: str, signing_secrets: list[str]) -> dict[str, str]:
+    return {
         "content-type": "application/json",
         "user-agent": USER_AGENT,
         **signed_headers(webhook_id, int(time.time()), body, signing_secrets),
     }
+
+
+def _answered(response: httpx.Response, started: float) -> AttemptResult:
+    error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
+    elapsed = int((time.monotonic() - started) * 1000)
+    return AttemptResult(response.status_code, error, response.text[:_EXCERPT_CHARS], elapsed)
+
+
+def _failed(error: str, started: float) -> AttemptResult:
+    # Only the kind of failure is kept: an exception's text can carry the URL (and so any
+    # credentials in it), and the detail is what made ``test`` a port scanner.
+    return AttemptResult(None, error[:_EXCERPT_CHARS], None, int((time.monotonic() - started) * 1000))
+
+
+def post_signed(
+    url: str,
+    webhook_id: str,
+    body: str,
+    signing_secrets: list[str],
+    timeout: float,
+    policy: egress.EgressPolicy,
+) -> AttemptResult:
+    """POST ``body`` to ``url`` with fresh Standard Webhooks headers; never raises for HTTP trouble.
+
+    The host is resolved and checked against ``policy`` now, at delivery (its DNS may have
+    changed since the URL was registered), and the connection goes to the address checked.
+    """
     started = time.monotonic()
     try:
+        target = egress.check(url, policy, timeout=min(timeout, egress.RESOLVE_TIMEOUT_SECONDS))
+    except egress.DestinationRefused as exc:
+        return _failed(f"destination refused: {exc.reason}", started)
+    pinned, host, extensions = target.pinned()
+    try:
         with httpx.Client(timeout=timeout, follow_redirects=False) as client:
-            response = client.post(url, content=body.encode(), headers=headers)
-        status: int | None = response.status_code
-        error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}"
-        excerpt: str | None = response.text[:_EXCERPT_CHARS]
+            response = client.post(
+                pinned,
+                content=body.encode(),
+                headers={**_headers(webhook_id, body, signing_secrets), **host},
+                extensions=extensions,
+            )
     except httpx.HTTPError as exc:
-        status, error, excerpt = None, f"{type(exc).__name__}: {exc}"[:_EXCERPT_CHARS], None
-    return AttemptResult(status, error, excerpt, int((time.monotonic() - started) * 1000))
+        return _failed(type(exc).__name__, started)
+    return _answered(response, started)
+
+
+async def post_signed_async(
+    url: str,
+    webhook_id: str,
+    body: str,
+    signing_secrets: list[str],
+    timeout: float,
+    policy: egress.EgressPolicy,
+) -> AttemptResult:
+    """:func:`post_signed` for the API's event loop (the ``test`` call): no thread is held while
+    the receiver takes its time, and the whole attempt is bounded by ``timeout``."""
+    started = time.monotonic()
+    try:
+        target = await egress.check_async(url, policy, timeout=min(timeout, egress.RESOLVE_TIMEOUT_SECONDS))
+    except egress.DestinationRefused as exc:
+        return _failed(f"destination refused: {exc.reason}", started)
+    pinned, host, extensions = target.pinned()
+    try:
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client:
+            response = await asyncio.wait_for(
+                client.post(
+                    pinned,
+                    content=body.encode(),
+                    headers={**_headers(webhook_id, body, signing_secrets), **host},
+                    extensions=extensions,
+                ),
+                timeout,
+            )
+    except (httpx.HTTPError, TimeoutError) as exc:
+        return _failed(type(exc).__name__, started)
+    return _answered(response, started)
 
 
 def backoff_seconds(settings: Settings, attempts: int) -> float:
@@ -121,7 +186,8 @@ def deliver(settings: Settings, sessions: sessionmaker[Session], delivery_id: st
         signing = active_secrets(endpoint, time.time())
 
     started_at = time.time()
-    result = post_signed(url, delivery_id, body, signing, settings.webhook_timeout_seconds)
+    policy = egress.EgressPolicy.of(settings.webhook_allowed_hosts)
+    result = post_signed(url, delivery_id, body, signing, settings.webhook_timeout_seconds, policy)
     return _record(settings, sessions, delivery_id, attempt, started_at, result)
 
 

@@ -26,6 +26,7 @@ from loraforge.engines import fleet_for
 from loraforge.ids import now
 from loraforge.jobs import checkpoints
 from loraforge.jobs.state import JobStatus, add_event
+from loraforge.ops.metrics import worker_metrics
 from loraforge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class RunProgress:
         # The step this run started from (a checkpoint's), for the time-per-step estimate.
         self.start_step = 0
         self.seen_metrics = False
+        # Trained tokens per optimizer step (from the hyperparameters line), and the first metrics
+        # line of this run (monotonic time, step): the throughput gauge measures from there, so
+        # loading the model does not count.
+        self.tokens_per_step: float | None = None
+        self._first_metrics: tuple[float, int] | None = None
         # How the run ended (its last event), if it said so.
         self.done: DoneEvent | None = None
         self.paused: PausedEvent | None = None
@@ -81,8 +87,14 @@ class RunProgress:
             case ErrorEvent():
                 self.error = event
 
+    def close(self) -> None:
+        """The run is over: its throughput is no longer reported."""
+        worker_metrics().throughput(self.job_id, None)
+
     def _on_hyperparameters(self, event: HyperparametersEvent) -> None:
         self.total_steps = event.total_steps
+        if event.total_steps:
+            self.tokens_per_step = event.train_tokens_per_epoch * event.n_epochs / event.total_steps
         resolved = {
             "n_epochs": event.n_epochs,
             "batch_size": event.batch_size,
@@ -118,7 +130,9 @@ class RunProgress:
         # OpenAI's metrics event data: the step, the total and the metrics (not the epoch).
         step, total = event.step, event.total_steps or self.total_steps
         data = {"step": step, "total_steps": event.total_steps, **event.metrics.model_dump()}
-        per_step = (time.monotonic() - self.started) / max(step - self.start_step, 1)
+        clock = time.monotonic()
+        per_step = (clock - self.started) / max(step - self.start_step, 1)
+        self._report_throughput(clock, step)
         with session_scope(self.sessions) as session:
             if not self.seen_metrics:
                 self._drop_superseded(session, step)
@@ -129,6 +143,15 @@ class RunProgress:
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value)
                 .values(estimated_finish=now() + int(per_step * max(total - step, 0)))
             )
+
+    def _report_throughput(self, clock: float, step: int) -> None:
+        if self._first_metrics is None:
+            self._first_metrics = (clock, step)
+            return
+        since, first_step = self._first_metrics
+        if self.tokens_per_step is not None and clock > since and step > first_step:
+            rate = (step - first_step) * self.tokens_per_step / (clock - since)
+            worker_metrics().throughput(self.job_id, rate)
 
     def _drop_superseded(self, session: Session, first_step: int) -> None:
         """A run that trains ``first_step`` again (after a crash: from a checkpoint, or from the

@@ -10,6 +10,12 @@ broker drops a message its consumer had fetched. So every worker runs a :class:`
   worker, if it was only slow, sees it lost the lease and stops its trainer;
 * a ``queued`` job nobody started for ``requeue_after_seconds`` has its task sent again (a
   duplicate is harmless: only one task wins ``queued -> running``);
+* a job whose task the reaper itself sent (re-queued, re-sent, or at start-up) is watched: if it
+  is still ``queued`` with the ``queued_at`` of that send after ``requeue_check_seconds``, nobody
+  took the message, and it is sent again, the wait doubling up to ``requeue_after_seconds``. So
+  a lost message costs seconds, not the 5-minute window meant for jobs that only wait their turn.
+  A job whose ``queued_at`` moved was claimed by someone else (a GPU-waiting task's re-send loop,
+  another reaper) and is no longer watched;
 * a cancelled job's leftover checkpoints and adapter on this machine are removed.
 
 At worker start, :meth:`Reaper.reconcile` also re-sends every queued and validating job's task
@@ -50,6 +56,17 @@ class ReapReport:
     redispatched: list[str] = field(default_factory=list)
     revalidated: list[str] = field(default_factory=list)
     swept: list[str] = field(default_factory=list)
+    # Sent again because a task the reaper sent was not taken in time.
+    resent: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Watch:
+    """A job whose task the reaper sent: the ``queued_at`` it left, when to look, the next wait."""
+
+    queued_at: int | None
+    due: float
+    delay: float
 
 
 def reap_stale(settings: Settings, sessions: sessionmaker[Session]) -> tuple[list[str], list[str]]:
@@ -112,6 +129,28 @@ def claim_unstarted(sessions: sessionmaker[Session], older_than: float | None) -
     return claimed
 
 
+def queued_stamps(sessions: sessionmaker[Session], job_ids: list[str]) -> dict[str, int | None]:
+    """``queued_at`` of those of ``job_ids`` that are still ``queued``."""
+    if not job_ids:
+        return {}
+    with session_scope(sessions) as session:
+        rows = session.execute(
+            select(Job.id, Job.queued_at).where(Job.id.in_(job_ids), Job.status == JobStatus.QUEUED.value)
+        )
+        return dict(rows.tuples().all())
+
+
+def claim_untaken(sessions: sessionmaker[Session], job_id: str, seen: int | None) -> int | None:
+    """Claim a watched job for a re-send: move its ``queued_at`` on from ``seen``.
+
+    Returns:
+        The new ``queued_at``, or None: the job left ``queued`` or someone else claimed it.
+    """
+    stamp = max(now(), (seen or 0) + 1)  # strictly later: two reapers never both claim one send
+    with session_scope(sessions) as session:
+        return stamp if restamp_queued(session, job_id, seen, stamp) else None
+
+
 def validating(sessions: sessionmaker[Session], older_than: float | None) -> list[str]:
     """Jobs still in ``validating_files`` (created more than ``older_than`` seconds ago)."""
     with session_scope(sessions) as session:
@@ -150,6 +189,7 @@ class Reaper:
         self.train = train
         self.validate = validate
         self._revalidated: dict[str, float] = {}
+        self._watched: dict[str, _Watch] = {}
         self._last_sweep = float("-inf")
         self._stop = threading.Event()
 
@@ -169,14 +209,49 @@ class Reaper:
             if startup or last is None or clock - last >= self.settings.requeue_after_seconds:
                 self._revalidated[job_id] = clock
                 report.revalidated.append(job_id)
-        for job_id in report.requeued + report.redispatched:
+        report.resent = self._claim_untaken(clock)
+        sent = report.requeued + report.redispatched + report.resent
+        # Read before sending: a worker that takes the task at once may move ``queued_at`` itself.
+        stamps = queued_stamps(self.sessions, sent)
+        for job_id in sent:
             self.train(job_id)
+        self._watch(sent, stamps, clock)
         for job_id in report.revalidated:
             self.validate(job_id)
         if startup or clock - self._last_sweep >= SWEEP_SECONDS:
             self._last_sweep = clock
             report.swept = sweep_cancelled(self.settings, self.sessions)
         return report
+
+    def _claim_untaken(self, clock: float) -> list[str]:
+        """Watched jobs whose task nobody took in time, claimed for a re-send."""
+        due = [job_id for job_id, watch in self._watched.items() if watch.due <= clock]
+        stamps = queued_stamps(self.sessions, due)
+        claimed = []
+        for job_id in due:
+            watch = self._watched.pop(job_id)
+            if job_id not in stamps or stamps[job_id] != watch.queued_at:
+                continue  # taken (no longer queued), or claimed by another sender
+            if claim_untaken(self.sessions, job_id, watch.queued_at) is None:
+                continue
+            log.warning("job %s: its task was not taken within %.0f s; sending it again", job_id, watch.delay)
+            claimed.append(job_id)
+            # Keep the doubled wait for the next look (``_watch`` reads it back).
+            self._watched[job_id] = _Watch(None, clock, min(2 * watch.delay, self._longest_wait()))
+        return claimed
+
+    def _longest_wait(self) -> float:
+        return max(self.settings.requeue_after_seconds, self.settings.requeue_check_seconds)
+
+    def _watch(self, sent: list[str], stamps: dict[str, int | None], clock: float) -> None:
+        """Look again at each job just sent once its wait is over (module docstring)."""
+        for job_id in sent:
+            if job_id not in stamps:
+                self._watched.pop(job_id, None)  # already taken
+                continue
+            previous = self._watched.get(job_id)
+            delay = previous.delay if previous is not None else self.settings.requeue_check_seconds
+            self._watched[job_id] = _Watch(stamps[job_id], clock + delay, delay)
 
     def reconcile(self) -> ReapReport:
         """The startup pass (also run when the service starts a worker)."""
@@ -188,7 +263,7 @@ class Reaper:
         while not self._stop.wait(self.settings.reaper_interval_seconds):
             try:
                 report = self.run_once()
-                if report.requeued or report.paused or report.redispatched or report.swept:
+                if report.requeued or report.paused or report.redispatched or report.resent or report.swept:
                     log.info("reaper: %s", report)
             except Exception:  # noqa: BLE001 - the reaper must outlive a database hiccup
                 log.exception("reaper pass failed")

@@ -13,7 +13,9 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -31,6 +33,7 @@ from loraforge.ids import now
 from loraforge.jobs import file_checks
 from loraforge.jobs.naming import fine_tuned_model_name
 from loraforge.jobs.state import JobStatus, add_event, fail, transition
+from loraforge.ops.metrics import worker_metrics
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 from loraforge.worker import admission, artefacts, job_spec, results
@@ -39,6 +42,17 @@ from loraforge.worker.progress import RunProgress
 from loraforge.worker.trainer_process import TrainerProcess
 
 log = logging.getLogger(__name__)
+
+
+# Set when this worker process shuts down (SIGTERM: ``loraforge serve`` stopping, a deploy): each
+# running job's trainer is stopped and the job handed back to the queue at once, to resume from
+# its newest checkpoint on whichever worker takes it, instead of waiting out its lease.
+_shutting_down = threading.Event()
+
+
+def begin_shutdown() -> None:
+    """Hand every job this process runs back to the queue (see ``_shutting_down``)."""
+    _shutting_down.set()
 
 
 def worker_id() -> str:
@@ -118,7 +132,11 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
 
 
 def run_training(
-    settings: Settings, sessions: sessionmaker[Session], job_id: str, wait_token: int | None = None
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    job_id: str,
+    wait_token: int | None = None,
+    requeue: Callable[[str], None] | None = None,
 ) -> int | None:
     """``queued`` -> ``running`` -> ``succeeded`` | ``failed`` | ``paused``, once its GPUs are free.
 
@@ -130,6 +148,8 @@ def run_training(
         sessions: the database.
         job_id: the job.
         wait_token: what the previous copy of this task returned, if it was a re-send.
+        requeue: sends the job's train task again, after the job was handed back to the queue
+            because this worker is shutting down (:func:`begin_shutdown`).
 
     Returns:
         None, or, when the job waits for GPUs, the token the re-sent train task must carry.
@@ -138,25 +158,30 @@ def run_training(
     if admitted.wait:
         return admission.keep_waiting(sessions, job_id, wait_token)
     try:
-        _run(settings, sessions, job_id, admitted.lease)
+        if _run(settings, sessions, job_id, admitted.lease) and requeue is not None:
+            requeue(job_id)
     finally:
         if admitted.lease is not None:
             admitted.lease.release()  # the trainer has exited: the GPUs are free again
     return None
 
 
-def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease: GpuLease | None) -> None:
+def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease: GpuLease | None) -> bool:
     """Start the job and supervise its trainer, on the ``lease``d GPUs if it has any.
 
     Polls the database every ``cancel_poll_seconds``: renews the lease every
     ``heartbeat_seconds``, stops the trainer when the job was cancelled or taken over, and asks it
     for a pause checkpoint when a pause was requested. A job that was running before (crash,
     pause) continues from its newest checkpoint: the trainer finds it in the checkpoint directory.
+
+    Returns:
+        True when the job was handed back to the queue because this worker is shutting down
+        (its train task must be sent again).
     """
     wid = worker_id()
     spec_path = _start(settings, sessions, job_id, wid)
     if spec_path is None:
-        return
+        return False
     folder = artefacts.run_dir(settings, job_id)
     # One process, or `accelerate launch` with one process per GPU when the plan shards (FSDP).
     plan = load_spec(spec_path).plan
@@ -167,6 +192,7 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
     env = lease.env() if lease else {}
     trainer = TrainerProcess(cmd, folder / "trainer.log", folder / artefacts.PAUSE_FILE, env=env)
     run = RunProgress(settings, sessions, job_id)
+    worker_metrics().running.inc()
     pause_deadline: float | None = None
     last_check = last_beat = time.monotonic()
     try:
@@ -183,7 +209,10 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
             if state == _LOST:
                 trainer.stop()
                 _abandon(settings, sessions, job_id)
-                return
+                return False
+            if _shutting_down.is_set():
+                trainer.stop()
+                return _hand_back(sessions, job_id, wid)
             if state == _PAUSE and pause_deadline is None:
                 trainer.request_pause()
                 pause_deadline = clock + settings.pause_timeout_seconds
@@ -195,9 +224,11 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
     finally:
         trainer.stop()
         trainer.close()
+        run.close()
+        worker_metrics().running.dec()
     if run.done is None and run.error is None and (run.paused is not None or pause_deadline is not None):
         _pause(settings, sessions, job_id, wid, run)
-        return
+        return False
     try:
         _finish(settings, sessions, job_id, wid, run, trainer.proc.returncode)
     except Exception as exc:  # noqa: BLE001 - a job must end somewhere, not stay "running"
@@ -209,6 +240,42 @@ def _run(settings: Settings, sessions: sessionmaker[Session], job_id: str, lease
             wid,
             JobError(code="training_error", message=f"Recording the result failed: {exc}"),
         )
+    return False
+
+
+def _hand_back(sessions: sessionmaker[Session], job_id: str, wid: str) -> bool:
+    """This worker is shutting down: ``running`` -> ``queued`` (``paused`` if a pause was asked).
+
+    Returns:
+        True if the job is queued again (its task must be sent), False otherwise.
+    """
+    with session_scope(sessions) as session:
+        pause = session.execute(select(Job.pause_requested).where(Job.id == job_id)).scalar_one()
+        target = JobStatus.PAUSED if pause else JobStatus.QUEUED
+        ok = transition(
+            session,
+            job_id,
+            target,
+            f"The worker running this job ({wid}) is shutting down; "
+            + ("paused, as requested" if pause else "re-queued to resume from its last checkpoint"),
+            level="warn",
+            expect={"worker_id": wid},
+            event_data={"worker_id": wid},
+            pause_requested=False,
+            estimated_finish=None,
+        )
+    log.warning("job %s: this worker is shutting down; handed back (%s)", job_id, target.value)
+    return ok and target == JobStatus.QUEUED
+
+
+def _observe_end(sessions: sessionmaker[Session], job_id: str) -> None:
+    """Record a job this worker ran reaching its final state, for ``loraforge_job_duration_seconds``."""
+    with session_scope(sessions) as session:
+        row = session.execute(
+            select(Job.status, Job.started_at, Job.finished_at).where(Job.id == job_id)
+        ).one_or_none()
+    if row is not None and row.started_at is not None:
+        worker_metrics().job_ended(row.status, (row.finished_at or now()) - row.started_at)
 
 
 def _abandon(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
@@ -216,6 +283,7 @@ def _abandon(settings: Settings, sessions: sessionmaker[Session], job_id: str) -
     with session_scope(sessions) as session:
         status = session.execute(select(Job.status).where(Job.id == job_id)).scalar_one()
     if status == JobStatus.CANCELLED.value:
+        _observe_end(sessions, job_id)
         artefacts.remove_job_artefacts(settings, sessions, job_id)
         log.info("job %s was cancelled; trainer stopped and its files removed", job_id)
     else:
@@ -260,6 +328,7 @@ def _fail(
     with session_scope(sessions) as session:
         ok = fail(session, job_id, error, expect={"worker_id": wid})
     if ok:
+        _observe_end(sessions, job_id)
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
     else:
         _abandon(settings, sessions, job_id)
@@ -310,6 +379,7 @@ def _finish(
             results.discard_results(blobs, record)
             registry.delete_fine_tuned_model_by_name(session, name)
     if ok:
+        _observe_end(sessions, job_id)
         artefacts.strip_training_state(settings, job_id)
     else:
         fleet_for(settings).unload(model.base_model, [model.id])

@@ -11,11 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from loraforge.adapters import registry
 from loraforge.api.deps import OrgDep, Services, ServicesDep
+from loraforge.asgi import StrictJSONRoute
 from loraforge.contracts.engine import LoadLoRAAdapterRequest
 from loraforge.db.models import Organization
 from loraforge.engines import EngineStream
 
-router = APIRouter(prefix="/chat", tags=["chat"])
+router = APIRouter(prefix="/chat", tags=["chat"], route_class=StrictJSONRoute)
 
 
 class ChatCompletionRequest(BaseModel):

@@ -8,12 +8,14 @@ from fastapi import APIRouter, Depends, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
 
 from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.downloads import content_disposition
 from loraforge.api.idempotency import idempotency
 from loraforge.api.schemas.files import DeleteFileResponse, ListFilesResponse, OpenAIFile, file_public
+from loraforge.asgi import StrictJSONRoute
 from loraforge.errors import InvalidRequestError
 from loraforge.files import service as files
 
-router = APIRouter(prefix="/files", tags=["files"])
+router = APIRouter(prefix="/files", tags=["files"], route_class=StrictJSONRoute)
 
 
 @router.post("", dependencies=[Depends(idempotency)])
@@ -29,10 +31,16 @@ def create_file(
     """Upload a file (multipart), streamed to storage."""
     if expires_seconds is not None and not 3600 <= expires_seconds <= 2592000:
         raise InvalidRequestError(
-            "expires_after[seconds] must be between 3600 and 2592000.", param="expires_after.seconds"
+            f"expires_after[seconds] must be an integer from 3600 to 2592000; got {expires_seconds}.",
+            param="expires_after.seconds",
+            code="invalid_value",
         )
     if expires_anchor not in (None, "created_at"):
-        raise InvalidRequestError("expires_after[anchor] must be 'created_at'.", param="expires_after.anchor")
+        raise InvalidRequestError(
+            f"expires_after[anchor] must be 'created_at'; got {expires_anchor!r}.",
+            param="expires_after.anchor",
+            code="invalid_value",
+        )
     record = files.create_file(
         session,
         services.blobs,
@@ -75,7 +83,7 @@ def file_content(services: ServicesDep, session: SessionDep, org: OrgDep, file_i
     return StreamingResponse(
         services.blobs.iter_bytes(record.storage_key),
         media_type=media,
-        headers={"content-disposition": f'attachment; filename="{record.filename}"'},
+        headers={"content-disposition": content_disposition(record.filename)},
     )
 
 

@@ -19,10 +19,11 @@ from loraforge.api.schemas.fine_tuning import (
     job_public,
 )
 from loraforge.api.schemas.preflight import FineTuningJobDryRun, dry_run_public
+from loraforge.asgi import StrictJSONRoute
 from loraforge.jobs import checkpoints, control, service
 from loraforge.jobs.params import JobCreateParams
 
-router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"])
+router = APIRouter(prefix="/fine_tuning/jobs", tags=["fine_tuning"], route_class=StrictJSONRoute)
 
 _METADATA_KEY = re.compile(r"^metadata\[(.+)\]$")
 

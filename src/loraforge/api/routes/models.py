@@ -8,24 +8,40 @@ from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
 
 from loraforge.adapters import export, registry
-from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.deps import OrgDep, Services, ServicesDep, SessionDep
+from loraforge.api.downloads import content_disposition
 from loraforge.api.schemas.models import (
     AnyModel,
+    CatalogModel,
     DeleteModelResponse,
     ListModelsResponse,
     base_model_public,
     checkpoint_model_public,
     fine_tuned_model_public,
 )
+from loraforge.asgi import StrictJSONRoute
+from loraforge.catalog import BaseModelEntry
 from loraforge.errors import InvalidRequestError
+from loraforge.jobs import placement
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=StrictJSONRoute)
+
+
+def _base(services: Services, entry: BaseModelEntry) -> CatalogModel:
+    # Planning is pure arithmetic, but it runs for every listing: remember each model's answer
+    # (pools and engines are fixed for the process's life).
+    known = services.base_model_capabilities.get(entry.id)
+    if known is None:
+        known = (placement.can_train(services.settings, entry), bool(services.engines.urls(entry.id)))
+        services.base_model_capabilities[entry.id] = known
+    return base_model_public(entry, trainable=known[0], servable=known[1])
 
 
 @router.get("")
 def list_models(services: ServicesDep, session: SessionDep, org: OrgDep) -> ListModelsResponse:
-    """Base models (tagged fine-tunable), the caller's fine-tuned models and their checkpoints."""
-    data: list[AnyModel] = [base_model_public(entry) for entry in services.catalog]
+    """Base models (tagged with what this installation can do with them: fine-tunable,
+    servable), the caller's fine-tuned models and their checkpoints."""
+    data: list[AnyModel] = [_base(services, entry) for entry in services.catalog]
     data += [fine_tuned_model_public(m, org) for m in registry.list_fine_tuned_models(session, org)]
     data += [checkpoint_model_public(c, org) for c in registry.list_checkpoint_models(session, org)]
     return ListModelsResponse(data=data)
@@ -43,7 +59,9 @@ def export_model(
     """Download one of the caller's fine-tuned (or checkpoint) models as a tar: PEFT or merged weights."""
     if services.catalog.get(model) is not None:
         raise InvalidRequestError(
-            f"`{model}` is a base model; only fine-tuned models are exported.", param="model"
+            f"`{model}` is a base model; only fine-tuned models are exported.",
+            param="model",
+            code="base_model_not_exportable",
         )
     filename, entries = export.export_archive(
         services.settings, services.catalog, registry.resolve(session, org, model), export_format
@@ -51,7 +69,7 @@ def export_model(
     return StreamingResponse(
         export.tar_stream(entries),
         media_type="application/x-tar",
-        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+        headers={"Content-Disposition": content_disposition(filename)},
     )
 
 
@@ -60,7 +78,7 @@ def retrieve_model(services: ServicesDep, session: SessionDep, org: OrgDep, mode
     """One model; ids contain '/' so the path converter is used."""
     entry = services.catalog.get(model)
     if entry is not None:
-        return base_model_public(entry)
+        return _base(services, entry)
     checkpoint = registry.get_checkpoint_model(session, org, model)
     if checkpoint is not None:
         return checkpoint_model_public(checkpoint, org)
@@ -71,7 +89,9 @@ def retrieve_model(services: ServicesDep, session: SessionDep, org: OrgDep, mode
 def delete_model(services: ServicesDep, session: SessionDep, org: OrgDep, model: str) -> DeleteModelResponse:
     """Delete one of the caller's fine-tuned models and unload it from the engines."""
     if services.catalog.get(model) is not None:
-        raise InvalidRequestError(f"The base model `{model}` cannot be deleted.", param="model")
+        raise InvalidRequestError(
+            f"The base model `{model}` cannot be deleted.", param="model", code="base_model_not_deletable"
+        )
     removed = registry.delete_fine_tuned_model(session, org, model)
     session.commit()
     services.engines.unload(removed.base_model, [removed.id])

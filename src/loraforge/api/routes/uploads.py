@@ -19,9 +19,10 @@ from loraforge.api.schemas.uploads import (
     part_public,
     upload_public,
 )
+from loraforge.asgi import StrictJSONRoute
 from loraforge.files import uploads
 
-router = APIRouter(prefix="/uploads", tags=["uploads"])
+router = APIRouter(prefix="/uploads", tags=["uploads"], route_class=StrictJSONRoute)
 
 _PART_PATH = re.compile(r"^/v1/uploads/[^/]+/parts$")
 # Multipart framing around the part's bytes.
@@ -68,6 +69,11 @@ def complete_upload(
 def cancel_upload(services: ServicesDep, session: SessionDep, org: OrgDep, upload_id: str) -> Upload:
     """Cancel a pending upload; its parts are deleted (the SDK sends an empty body)."""
     return upload_public(uploads.cancel_upload(session, services.blobs, org, upload_id))
+
+
+def is_part_path(path: str) -> bool:
+    """Whether ``path`` is an upload's ``/parts`` URL (limited by ``PART_MAX_BYTES``)."""
+    return bool(_PART_PATH.match(path))
 
 
 def install_part_limit(app: FastAPI) -> None:

@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query
+from fastapi.concurrency import run_in_threadpool
 
-from loraforge.api.deps import OrgDep, ServicesDep, SessionDep
+from loraforge.api.deps import OrgDep, Services, ServicesDep, SessionDep
 from loraforge.api.idempotency import idempotency
 from loraforge.api.schemas.webhooks import (
     DeleteWebhookEndpointResponse,
@@ -23,18 +25,29 @@ from loraforge.api.schemas.webhooks import (
     webhook_endpoint_public,
     webhook_endpoint_with_secret,
 )
-from loraforge.webhooks import JOB_EVENT_TYPES, endpoints
+from loraforge.asgi import StrictJSONRoute
+from loraforge.db.session import session_scope
+from loraforge.webhooks import JOB_EVENT_TYPES, egress, endpoints
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], route_class=StrictJSONRoute)
+
+
+def _policy(services: Services) -> egress.EgressPolicy:
+    return egress.EgressPolicy.of(services.settings.webhook_allowed_hosts)
 
 
 @router.post("/webhook_endpoints", dependencies=[Depends(idempotency)])
 def create_webhook_endpoint(
-    session: SessionDep, org: OrgDep, params: WebhookEndpointCreate
+    services: ServicesDep, session: SessionDep, org: OrgDep, params: WebhookEndpointCreate
 ) -> WebhookEndpointWithSecret:
     """Register a URL; the response is the only one that shows the signing secret."""
     endpoint = endpoints.create_endpoint(
-        session, org, name=params.name, url=params.url, event_types=params.event_types
+        session,
+        org,
+        name=params.name,
+        url=params.url,
+        event_types=params.event_types,
+        policy=_policy(services),
     )
     return webhook_endpoint_with_secret(endpoint)
 
@@ -59,11 +72,21 @@ def retrieve_webhook_endpoint(session: SessionDep, org: OrgDep, webhook_endpoint
 
 @router.post("/webhook_endpoints/{webhook_endpoint_id}")
 def update_webhook_endpoint(
-    session: SessionDep, org: OrgDep, webhook_endpoint_id: str, params: WebhookEndpointUpdate
+    services: ServicesDep,
+    session: SessionDep,
+    org: OrgDep,
+    webhook_endpoint_id: str,
+    params: WebhookEndpointUpdate,
 ) -> WebhookEndpoint:
     """Change an endpoint's name, URL or event types."""
     endpoint = endpoints.update_endpoint(
-        session, org, webhook_endpoint_id, name=params.name, url=params.url, event_types=params.event_types
+        session,
+        org,
+        webhook_endpoint_id,
+        name=params.name,
+        url=params.url,
+        event_types=params.event_types,
+        policy=_policy(services),
     )
     return webhook_endpoint_public(endpoint)
 
@@ -88,27 +111,35 @@ def rotate_webhook_secret(
 
 
 @router.post("/webhook_endpoints/{webhook_endpoint_id}/test")
-def test_webhook_endpoint(
-    services: ServicesDep,
-    session: SessionDep,
-    org: OrgDep,
-    webhook_endpoint_id: str,
-    params: WebhookTestParams,
+async def test_webhook_endpoint(
+    services: ServicesDep, org: OrgDep, webhook_endpoint_id: str, params: WebhookTestParams
 ) -> WebhookEndpointTestResult:
-    """Send a sample signed event now and report the receiver's HTTP status."""
-    result = endpoints.send_test(
-        session,
-        org,
-        webhook_endpoint_id,
-        params.event_type,
-        timeout=services.settings.webhook_timeout_seconds,
-    )
-    # send_test raises when no HTTP status came back.
+    """Send a sample signed event now and report the receiver's HTTP status.
+
+    Async on purpose: the request waits for the receiver on the event loop, so slow receivers
+    cannot take the thread pool every other request needs; the database work runs on it briefly.
+    """
+    timeout = services.settings.webhook_test_timeout_seconds
+
+    def prepare() -> endpoints.SampleEvent:
+        with session_scope(services.sessions) as session:
+            return endpoints.prepare_test(session, org, webhook_endpoint_id, params.event_type)
+
+    event = await run_in_threadpool(prepare)
+    started = time.time()
+    result = await endpoints.send_test(event, _policy(services), timeout=timeout)
+
+    def record() -> None:
+        with session_scope(services.sessions) as session:
+            endpoints.record_test(session, org, event, started, result, timeout)
+
+    await run_in_threadpool(record)
+    # record_test raises when no HTTP status came back.
     assert result.status_code is not None
     return WebhookEndpointTestResult(
         event_type=params.event_type,
         status_code=result.status_code,
-        success=True,
+        success=result.ok,
         webhook_endpoint_id=webhook_endpoint_id,
     )
 

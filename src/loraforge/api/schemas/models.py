@@ -19,9 +19,12 @@ class Model(ResponseObject):
 
 
 class CatalogModel(Model):
-    """A base model from the catalog; all of them can be fine-tuned."""
+    """A base model from the catalog, with what this installation can do with it."""
 
-    # kluster lists which base models can be fine-tuned with a tag.
+    # kluster lists which base models can be fine-tuned with a tag. Here: "base" on every
+    # catalog model, "fine-tunable" when a worker pool of this installation can train it,
+    # "servable" when an engine serves it (chat works). Every catalog model stays listed, so
+    # ``models.retrieve`` and the OpenAI ``Model`` schema are unchanged.
     tags: list[str]
     aliases: list[str]
     context_length: int
@@ -63,13 +66,24 @@ class DeleteModelResponse(ResponseObject):
     deleted: bool
 
 
-def base_model_public(entry: BaseModelEntry) -> CatalogModel:
-    """The ``Model`` of a catalog entry."""
+BASE_TAG, TRAINABLE_TAG, SERVABLE_TAG = "base", "fine-tunable", "servable"
+
+
+def base_model_public(
+    entry: BaseModelEntry, *, trainable: bool = True, servable: bool = True
+) -> CatalogModel:
+    """The ``Model`` of a catalog entry.
+
+    Args:
+        entry: the catalog entry.
+        trainable: whether a worker pool of this installation can train it.
+        servable: whether an engine of this installation serves it.
+    """
     return CatalogModel(
         id=entry.id,
         created=entry.created,
         owned_by=entry.owned_by,
-        tags=["fine-tunable"],
+        tags=[BASE_TAG] + [TRAINABLE_TAG] * trainable + [SERVABLE_TAG] * servable,
         aliases=list(entry.aliases),
         context_length=entry.context_length,
     )

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, StringConstraints
 
 from loraforge.api.schemas.common import IdentifiedObject, ListPage, ResponseObject
 from loraforge.db import models as db
+from loraforge.webhooks import egress
 from loraforge.webhooks.signing import secret_hint
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=256)]
@@ -76,8 +77,8 @@ class DeleteWebhookEndpointResponse(ResponseObject):
 class WebhookEndpointTestResult(ResponseObject):
     """``POST /v1/webhook_endpoints/{webhook_endpoint_id}/test``: the receiver's HTTP status.
 
-    ``success`` is true whenever the receiver answered (``status_code`` says how); an
-    unreachable receiver is a 400 instead.
+    ``success`` is true when the receiver acknowledged (a 2xx), false for any other status; a
+    receiver that gave no HTTP answer is a 400 instead.
     """
 
     object: Literal["webhook_endpoint.test"] = "webhook_endpoint.test"
@@ -110,7 +111,8 @@ def _endpoint_fields(endpoint: db.WebhookEndpoint) -> dict[str, Any]:
         "created_at": endpoint.created_at,
         "event_types": list(endpoint.event_types),
         "name": endpoint.name,
-        "url": endpoint.url,
+        # Credentials in the URL (``https://user:pass@host``) are used, never shown again.
+        "url": egress.redact(endpoint.url),
         "signing_secret_hint": secret_hint(endpoint.signing_secret),
         "updated_at": endpoint.updated_at,
     }

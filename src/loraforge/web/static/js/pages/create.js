@@ -101,6 +101,7 @@ export function CreateJobPage() {
   useEffect(() => {
     api("/models")
       .then((res) => {
+        // Only what a worker pool of this installation can train ("fine-tunable"): the first is the default.
         const tunable = res.data.filter((m) => (m.tags || []).includes("fine-tunable"));
         setModels(tunable);
         if (tunable.length) setModel(tunable[0].id);

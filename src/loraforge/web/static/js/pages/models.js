@@ -5,7 +5,8 @@ import { api, modelPath } from "../api.js";
 import { ExportButton } from "./export.js";
 import { html, Copy, ErrorBox, fmtAgo, usePoll } from "../ui.js";
 
-const isBase = (m) => (m.tags || []).includes("fine-tunable") || !m.parent;
+const isBase = (m) => (m.tags || []).includes("base") || !m.parent;
+const has = (m, tag) => (m.tags || []).includes(tag);
 const CKPT = /:ckpt-step-(\d+)$/;
 
 /** Fine-tuned models, each followed by its checkpoints (latest step first). */
@@ -62,7 +63,7 @@ export function ModelsPage() {
           <td>${m.context_length || "—"}</td>
           <td>${m.owned_by}</td>
           <td class="small muted">${(m.aliases || []).join(", ") || "—"}</td>
-          <td class="right nowrap"><a href=${chat(m.id)}>chat</a> · <a href="#/jobs/new">fine-tune</a></td>
+          <td class="right nowrap" data-testid="base-actions">${has(m, "servable") ? html`<a href=${chat(m.id)}>chat</a>` : html`<span class="muted">not served here</span>`} · ${has(m, "fine-tunable") ? html`<a href="#/jobs/new">fine-tune</a>` : html`<span class="muted">no pool can train it</span>`}</td>
         </tr>`,
       )}</tbody>
     </table>

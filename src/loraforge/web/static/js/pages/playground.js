@@ -10,8 +10,9 @@ import { html, ErrorBox } from "../ui.js";
 async function loadChoices() {
   const models = (await api("/models")).data;
   const groups = {
-    base: models.filter((m) => (m.tags || []).includes("fine-tunable")).map((m) => m.id),
-    tuned: models.filter((m) => !(m.tags || []).includes("fine-tunable") && !/:ckpt-step-\d+$/.test(m.id)).map((m) => m.id),
+    // Base models an engine of this installation serves (tagged "servable"); fine-tuned ones have a parent.
+    base: models.filter((m) => !m.parent && (m.tags || []).includes("servable")).map((m) => m.id),
+    tuned: models.filter((m) => m.parent && !/:ckpt-step-\d+$/.test(m.id)).map((m) => m.id),
     checkpoints: models.filter((m) => /:ckpt-step-\d+$/.test(m.id)).map((m) => m.id),
   };
   try {
