@@ -36,3 +36,44 @@ def to_jsonl(examples: list[dict]) -> bytes:
 def training_prompt(i: int = 3) -> list[dict]:
     """The system + user turns of training example ``i``."""
     return chat_examples(i + 1)[i]["messages"][:2]
+
+
+# Tool calling: "what's the weather in X" -> get_weather({"city": X}) (OpenAI's fine-tuning format).
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+# Distinct first tokens in the tiny model's tokenizer: one token decides which city is meant.
+CITIES = ("Paris", "Tokyo", "Berlin", "Madrid", "Rome", "Vienna", "Oslo", "Dublin", "Cairo", "Athens")
+
+
+def weather_question(city: str) -> list[dict]:
+    """The user turn of the tool-calling examples."""
+    return [{"role": "user", "content": f"What's the weather in {city}?"}]
+
+
+def weather_call(city: str, call_id: str = "call_1") -> dict:
+    """The assistant's OpenAI tool call for ``city``."""
+    return {
+        "id": call_id,
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": json.dumps({"city": city})},
+    }
+
+
+def tool_call_examples(cities: tuple[str, ...] = CITIES) -> list[dict]:
+    """One example per city, ending with the assistant's call and no tool answer: how OpenAI's
+    format teaches a model to call a tool."""
+    return [
+        {
+            "messages": [
+                *weather_question(city),
+                {"role": "assistant", "content": None, "tool_calls": [weather_call(city, f"call_{i}")]},
+            ],
+            "tools": [WEATHER_TOOL],
+        }
+        for i, city in enumerate(cities)
+    ]

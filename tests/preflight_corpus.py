@@ -318,6 +318,42 @@ def cases() -> list[Case]:
             "file",
         ),
         Case(
+            "tool_arguments_not_object",
+            chat_file(
+                _tool_chat([{**_CALL, "function": {"name": "lookup", "arguments": "[3]"}}], [_TOOL_RESULT])
+            ),
+            "invalid_tool_calls",
+            BAD,
+            "messages[1].tool_calls[0].function.arguments",
+            "file",
+        ),
+        Case(
+            "unknown_tool",
+            chat_file(
+                _tool_chat(
+                    [{**_CALL, "function": {"name": "ship", "arguments": "{}"}}], [_TOOL_RESULT], tools=_TOOLS
+                )
+            ),
+            "unknown_tool",
+            BAD,
+            "messages[1].tool_calls[0].function.name",
+            "file",
+        ),
+        Case(
+            "parallel_tool_calls_disabled",
+            chat_file(
+                _tool_chat(
+                    [_CALL, {**_CALL, "id": "call_2"}],
+                    [_TOOL_RESULT, {**_TOOL_RESULT, "tool_call_id": "call_2"}],
+                    parallel_tool_calls=False,
+                )
+            ),
+            "parallel_tool_calls_disabled",
+            BAD,
+            "messages[1].tool_calls",
+            "file",
+        ),
+        Case(
             "tools_not_list",
             chat_file(_chat(_turns(), tools="lookup")),
             "invalid_tools",
@@ -457,14 +493,6 @@ def cases() -> list[Case]:
             "",
             "job",
         ),
-        Case(
-            "tool_calls",
-            chat_file(_tool_chat([_CALL], [_TOOL_RESULT])),
-            "unsupported_tool_calls",
-            BAD,
-            "messages[1].tool_calls",
-            "job",
-        ),
         Case("chat_file_for_dpo", chat_file(), "wrong_method", None, "", "job", method="dpo"),
         Case("dpo_file_for_supervised", preference_file(), "wrong_method", None, "", "job"),
         Case(
@@ -479,6 +507,16 @@ def cases() -> list[Case]:
             job_param="method.type",
         ),
         # --- not errors: the job trains and says so ---
+        Case(
+            "text_beside_tool_calls",
+            chat_file(
+                _tool_chat([{**_CALL}], [_TOOL_RESULT]).replace(b'"content": null', b'"content": "Looking."')
+            ),
+            "tool_call_content_ignored",
+            BAD,
+            "messages[1].content",
+            "warning",
+        ),
         Case(
             "answer_longer_than_context",
             chat_file(long_answer_example()),

@@ -41,6 +41,8 @@ ROOTS = (
     "ListModelsResponse",
     "DeleteModelResponse",
     "ErrorResponse",
+    "CreateChatCompletionResponse",
+    "CreateChatCompletionStreamResponse",
 )
 
 

@@ -10,6 +10,7 @@ they are also written to docs/screenshots/ (the ones the README shows).
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import shutil
@@ -19,12 +20,21 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from openai import OpenAI
 
-from tests.helpers import ANSWER, SYSTEM, chat_examples, to_jsonl, training_prompt
-from tests.integration.conftest import Stack, only_embedded
+from tests.helpers import (
+    ANSWER,
+    SYSTEM,
+    WEATHER_TOOL,
+    chat_examples,
+    to_jsonl,
+    training_prompt,
+    weather_question,
+)
+from tests.integration.conftest import TOOL_CITIES, Stack, only_embedded
 
 pytestmark = pytest.mark.integration
 
@@ -283,6 +293,40 @@ def _export(s: Session, tmp_path: Path) -> bool:
         names = [Path(n).name for n in tar.getnames()]
     assert "adapter_config.json" in names, names
     return True
+
+
+def test_playground_shows_tool_calls(session: Session, stack: Stack, tool_model: tuple[OpenAI, str]) -> None:
+    """Tools given as JSON in the playground; the tool-calling fine-tune's call is shown and can be
+    answered with a result, sent back as a tool message."""
+    s, page = session, session.page
+    _, model = tool_model
+    city = TOOL_CITIES[0]
+    sign_in(s, stack.key("toolsmith"))
+    s.go(f"/playground?model={quote(model)}")
+    page.wait_for_selector("[data-testid=pg-input]")
+    page.locator("[data-testid=pg-temperature]").evaluate(
+        "el => { el.value = '0'; el.dispatchEvent(new Event('input', { bubbles: true })); }"
+    )
+    page.fill("input[name=max_tokens]", "40")
+    page.fill("[data-testid=pg-tools]", "[{not json")
+    page.fill("[data-testid=pg-input]", weather_question(city)[0]["content"])
+    page.click("[data-testid=pg-send]")
+    page.wait_for_selector(".error-box:has-text('Tools are not valid JSON')")
+    page.fill("[data-testid=pg-tools]", json.dumps([WEATHER_TOOL], indent=2))
+    page.fill("[data-testid=pg-input]", weather_question(city)[0]["content"])
+    page.click("[data-testid=pg-send]")
+    call = page.wait_for_selector(".msg[data-role=assistant] [data-testid=tool-call]")
+    assert call.get_attribute("data-name") == "get_weather"
+    assert json.loads(call.get_attribute("data-arguments") or "") == {"city": city}
+    assert f'get_weather({{"city":"{city}"}})' in call.inner_text()
+    # The input now answers the call; the model gets the result as a tool message and replies.
+    placeholder = page.get_attribute("[data-testid=pg-input]", "placeholder") or ""
+    assert placeholder.startswith("Result of get_weather (call_")
+    page.fill("[data-testid=pg-input]", '{"temp_c": 21}')
+    page.click("[data-testid=pg-send]")
+    page.wait_for_selector(".msg[data-role=tool]:has-text('temp_c')")
+    page.wait_for_selector(".msg[data-role=assistant] >> nth=1")
+    s.shot("playground-tools")
 
 
 def test_pause_resume_cancel_from_the_job_page(session: Session, stack: Stack, tmp_path: Path) -> None:

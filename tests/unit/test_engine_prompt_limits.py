@@ -37,6 +37,9 @@ class CountingTokenizer:
         self.calls += 1
         return self.inner.apply_chat_template(*args, **kwargs)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.inner(*args, **kwargs)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 

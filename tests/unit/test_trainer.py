@@ -160,7 +160,7 @@ def test_read_chat_jsonl_validation(tmp_path: Path) -> None:
     path.write_text("\n".join(json.dumps(r) for r in parts) + "\n\n   \n")
     examples = read_chat_jsonl(path)
     assert len(examples) == 10
-    assert examples[0][1]["content"] == "Hello\nthere"
+    assert examples[0]["messages"][1]["content"] == "Hello\nthere"
 
 
 def test_weight_zero_turn_gets_no_labels(tmp_path: Path, tokenizer) -> None:

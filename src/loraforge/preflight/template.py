@@ -24,6 +24,8 @@ import jinja2.nodes
 import jinja2.parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from loraforge.catalog.tool_calls import tool_format
+
 # (rendered blocks so far, generation spans found) while a render is being tracked.
 _Tracking = tuple[list[str], list[tuple[int, int]]]
 
@@ -96,11 +98,14 @@ class ChatTemplate:
         self._special = dict(special_tokens)
         self.source = source
 
-    def render(self, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[tuple[int, int]]]:
         """Render ``messages`` (no generation prompt) and return the text and generation spans.
 
         Args:
             messages: the conversation, as the trainer passes it to ``apply_chat_template``.
+            tools: the example's tool definitions (None: none), as the trainer passes them.
 
         Returns:
             The rendered text and the ``[start, end)`` character span of each generation block.
@@ -112,10 +117,15 @@ class ChatTemplate:
         spans: list[tuple[int, int]] = []
         with self._tracker.track(blocks, spans):
             for block in self._template.generate(
-                messages=messages, tools=None, documents=None, add_generation_prompt=False, **self._special
+                messages=messages, tools=tools, documents=None, add_generation_prompt=False, **self._special
             ):
                 blocks.append(block)
         return "".join(blocks), spans
+
+    @property
+    def tool_format(self) -> str | None:
+        """The tool-call syntax the template declares (None: it renders no tools or tool calls)."""
+        return tool_format(self.source)
 
     def mentions(self, name: str) -> bool:
         """Whether the template source refers to ``name`` (e.g. ``tool_calls``) at all."""

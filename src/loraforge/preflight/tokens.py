@@ -104,17 +104,21 @@ class TokenCounter:
         self.max_seq_length = max_seq_length
         self.stats = TokenStats(max_seq_length=max_seq_length)
         self._sink = sink
-        self._pending: list[tuple[int, list[dict[str, Any]]]] = []
+        self._pending: list[tuple[int, list[dict[str, Any]], list[dict[str, Any]] | None]] = []
 
-    def add(self, line: int, messages: list[dict[str, Any]]) -> None:
-        """Queue one normalised conversation (from line ``line``) for counting."""
-        self._pending.append((line, messages))
+    def add(
+        self, line: int, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> None:
+        """Queue one normalised conversation (from line ``line``) and its tools for counting."""
+        self._pending.append((line, messages, tools))
         if len(self._pending) >= BATCH:
             self.flush()
 
-    def count(self, messages: list[dict[str, Any]]) -> ExampleTokens | None:
+    def count(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> ExampleTokens | None:
         """Count one conversation right away (None if the template refuses it)."""
-        rendered = self._render(0, messages)
+        rendered = self._render(0, messages, tools)
         if rendered is None:
             return None
         if self.fast is not None:
@@ -122,10 +126,13 @@ class TokenCounter:
         encoding = self.tokenizer.encode(rendered[0], add_special_tokens=False)
         return self._measure(encoding, rendered[1], messages)
 
-    def _render(self, line: int, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]] | None:
-        chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    def _render(
+        self, line: int, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[str, list[tuple[int, int]]] | None:
+        # What the trainer hands apply_chat_template (trainer/data.py): everything but the weight.
+        chat = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
         try:
-            return self.template.render(chat)
+            return self.template.render(chat, tools)
         except jinja2.TemplateError as exc:
             self._sink(
                 "template_error", f"the base model's chat template refused it: {exc}", line, "messages"
@@ -168,7 +175,7 @@ class TokenCounter:
     def flush(self) -> None:
         """Count every queued example."""
         batch, self._pending = self._pending, []
-        rendered = [(line, messages, self._render(line, messages)) for line, messages in batch]
+        rendered = [(line, messages, self._render(line, messages, tools)) for line, messages, tools in batch]
         ok = [(line, messages, r) for line, messages, r in rendered if r is not None]
         if self.fast is not None:
             rest = []

@@ -118,20 +118,22 @@ class _LineChecker:
                     "has no assistant message with weight 1: nothing in it is trained",
                     "messages",
                 )
-            if self.for_training and example.has_tool_calls:
+            # Every catalog template renders tools and tool calls; an operator's own template may
+            # not (no tool format declared), and the trainer renders only what the template does.
+            template_tools = self.counter is None or self.counter.template.tool_format is not None
+            if self.for_training and example.has_tool_calls and not template_tools:
                 for path in example.tool_call_paths[:1]:
                     add(
                         "unsupported_tool_calls",
-                        "cannot be trained yet: loraforge trains on message content rendered with "
-                        "the base model's chat template, which has no tool calls",
+                        "cannot be trained: the base model's chat template declares no tool-call format",
                         path,
                     )
                 report.n_examples -= 1
                 return
-            if self.for_training and example.has_tools and self.tools_line is None:
+            if self.for_training and example.has_tools and not template_tools and self.tools_line is None:
                 self.tools_line = line  # reported once, by finish_report
-            if self.counter is not None and not example.has_tool_calls:
-                self.counter.add(line, example.messages)
+            if self.counter is not None:
+                self.counter.add(line, example.messages, example.tools if template_tools else None)
 
 
 def parse_line(raw: bytes) -> tuple[Any, tuple[str, str] | None]:
@@ -251,7 +253,8 @@ def finish_report(report: FileReport, state: ScanState) -> None:
     if state.tools_line is not None:
         report.warn(
             "tools_ignored",
-            "are not rendered by the base model's chat template, so they are not trained "
+            "are not rendered by the base model's chat template (it declares no tool-call format), "
+            "so they are not trained "
             "(reported for the first line that has them)",
             state.tools_line,
             "tools",
@@ -279,7 +282,8 @@ def validate_lines(
         counter: count tokens of valid chat examples (None: structure only).
         report: the report to fill (a new one by default); the counter's problems go to it too.
         progress: called with the bytes read so far, every few thousand lines and at the end.
-        for_training: also apply what the trainer needs beyond the format (no tool calls yet).
+        for_training: also apply what the trainer needs beyond the format (tool calls need a
+            template that renders them).
 
     Returns:
         The filled report (``tokens`` set when a counter was given).

@@ -61,12 +61,14 @@ from loraforge.serving.errors import (
 )
 from loraforge.serving.protocol import (
     ChatCompletionRequest,
+    assistant_message,
     chat_chunk,
     chat_completion,
     completion_id,
     now,
     usage,
 )
+from loraforge.serving.tools import ToolPlan, ToolStream, call_deltas, plan_tools, read_calls
 
 if TYPE_CHECKING:
     from loraforge.catalog import BaseModelEntry
@@ -100,6 +102,7 @@ class ServingEngine(Protocol):
         top_p: float = ...,
         seed: int | None = ...,
         stop: str | Sequence[str] | None = ...,
+        tools: ToolPlan = ...,
     ) -> GenerationRequest: ...
     def run(self, request: GenerationRequest) -> GenerationResult: ...
     def run_many(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]: ...
@@ -195,6 +198,7 @@ async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep)
         raise InvalidRequest("n > 1 is not supported with stream=true; send n=1 or stream=false.", param="n")
     if body.logprobs:
         raise InvalidRequest("logprobs are not supported by this engine.", param="logprobs")
+    plan = plan_tools(body)
     request = await run_in_threadpool(
         engine.prepare,
         body.model,
@@ -204,11 +208,12 @@ async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep)
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=body.stop,
+        **({"tools": plan} if plan.tools else {}),
     )
     cid, created = completion_id(), now()
     if body.stream:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        events = _sse_events(engine, request, body, cid, created)
+        events = _sse_events(engine, request, body, cid, created, plan)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     if n == 1:
         results = [await run_in_threadpool(engine.run, request)]
@@ -221,11 +226,21 @@ async def create_chat_completion(body: ChatCompletionRequest, engine: EngineDep)
             cid=cid,
             created=created,
             model=body.model,
-            choices=[(r.text, r.finish_reason) for r in results],
+            choices=[_choice(plan, request, r) for r in results],
             prompt_tokens=results[0].prompt_tokens,
             completion_tokens=sum(r.completion_tokens for r in results),
         )
     )
+
+
+def _choice(
+    plan: ToolPlan, request: GenerationRequest, result: GenerationResult
+) -> tuple[dict[str, Any], str]:
+    """One choice's message and finish reason: the tool calls the output holds, else its text."""
+    calls = read_calls(plan, request.tool_format, request.prefill + result.text)
+    if calls:
+        return assistant_message(None, calls), "tool_calls"
+    return assistant_message(request.prefill + result.text), result.finish_reason
 
 
 def _event(payload: dict[str, Any] | str) -> str:
@@ -234,7 +249,12 @@ def _event(payload: dict[str, Any] | str) -> str:
 
 
 async def _sse_events(
-    engine: ServingEngine, request: GenerationRequest, body: ChatCompletionRequest, cid: str, created: int
+    engine: ServingEngine,
+    request: GenerationRequest,
+    body: ChatCompletionRequest,
+    cid: str,
+    created: int,
+    plan: ToolPlan,
 ) -> AsyncIterator[str]:
     def chunk(delta: dict[str, Any] | None, finish: str | None = None, used: Any = None) -> str:
         return _event(
@@ -251,16 +271,23 @@ async def _sse_events(
 
     cancel = threading.Event()  # set when the client goes away: generation stops at the next token
     items = engine.run_stream(request, cancel=cancel)
+    tools = ToolStream(plan, request.tool_format, request.prefill)
     try:
-        yield chunk({"role": "assistant", "content": ""})
+        # With tools the answer may be calls: content stays null until text is sent (as OpenAI's).
+        yield chunk({"role": "assistant", "content": None if tools.parsing else ""})
         result: Any = None
         while (item := await run_in_threadpool(next, items, None)) is not None:
             if isinstance(item, str):
-                if item:
-                    yield chunk({"content": item})
+                if text := tools.feed(item):
+                    yield chunk({"content": text})
             else:
                 result = item
-        yield chunk({}, result.finish_reason)
+        held, calls = tools.finish()
+        if held:
+            yield chunk({"content": held})
+        for delta in call_deltas(calls or []):
+            yield chunk(delta)
+        yield chunk({}, "tool_calls" if calls else result.finish_reason)
         if body.include_usage:
             yield chunk(None, used=usage(result.prompt_tokens, result.completion_tokens))
         yield _event("[DONE]")

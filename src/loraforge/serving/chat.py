@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from loraforge.catalog.tool_calls import template_tool_calls
 from loraforge.serving.errors import InvalidRequest
 
 # Part types whose text reaches the prompt; anything else (images, audio, files) is refused.
@@ -40,20 +41,35 @@ def flatten_content(content: Any, index: int) -> str:
     return "".join(texts)
 
 
-def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
-    """``[{"role", "content"}]`` with flattened text content, ready for ``apply_chat_template``.
+def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """``[{"role", "content"}]`` with flattened text content, ready for ``apply_chat_template``;
+    an assistant's ``tool_calls`` (arguments parsed, as the trainer hands them to the template) and
+    a tool message's ``tool_call_id`` are kept.
 
     Raises:
-        InvalidRequest: no messages, or non-text content.
+        InvalidRequest: no messages, non-text content, or tool-call arguments that are not a JSON object.
     """
     if not messages:
         raise InvalidRequest("'messages' must contain at least one message.", param="messages")
     out = []
     for i, message in enumerate(messages):
         role = str(message.get("role", ""))
-        out.append(
-            {"role": _ROLE_ALIASES.get(role, role), "content": flatten_content(message.get("content"), i)}
-        )
+        norm: dict[str, Any] = {
+            "role": _ROLE_ALIASES.get(role, role),
+            "content": flatten_content(message.get("content"), i),
+        }
+        calls = message.get("tool_calls")
+        if calls and role == "assistant":
+            try:
+                norm["tool_calls"] = template_tool_calls(calls)
+            except ValueError as exc:
+                raise InvalidRequest(
+                    f"messages[{i}].tool_calls: function arguments must be a JSON object ({exc}).",
+                    param=f"messages.[{i}].tool_calls",
+                ) from exc
+        if message.get("tool_call_id") is not None:
+            norm["tool_call_id"] = message["tool_call_id"]
+        out.append(norm)
     return out
 
 

@@ -43,6 +43,7 @@ from loraforge.serving.generation import (
     stream_text,
 )
 from loraforge.serving.lora import LoadedAdapter, read_adapter, split_stop_tokens
+from loraforge.serving.tools import NO_TOOLS, ToolPlan, tool_prompt
 
 if TYPE_CHECKING:  # the benchmark runs the engine where pydantic-settings is not installed
     from loraforge.ops.metrics import EngineMetrics
@@ -241,12 +242,14 @@ class Engine:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: str | Sequence[str] | None = None,
+        tools: ToolPlan = NO_TOOLS,
     ) -> GenerationRequest:
-        """Resolve the model, render the chat template and tokenise.
+        """Resolve the model, render the chat template (with ``tools``) and tokenise.
 
         Raises:
             AdapterNotLoaded: ``model_name`` is neither the base model nor a loaded adapter.
-            InvalidRequest: unsupported message content, or the prompt fills the context.
+            InvalidRequest: unsupported message content, tools for a template without a tool
+                format, or the prompt fills the context.
         """
         with self._registry_lock:
             adapter = self._adapters.get(model_name)
@@ -258,11 +261,19 @@ class Engine:
             template, eos_ids, stops = adapter.chat_template, adapter.eos_ids, adapter.stop_strings
         chat = normalize_messages(messages)
         check_prompt_size(chat, self._max_prompt_chars, self.entry.context_length)
+        fmt, prefill = tool_prompt(model_name, template, tools)
         try:
             with self._tokenizer_lock:
-                encoded = self._tokenizer.apply_chat_template(
-                    chat, chat_template=template, add_generation_prompt=True, tokenize=True, return_dict=True
+                # Rendered to text, then encoded whole: a forced call prefix is tokenized as the
+                # trained text was (apply_chat_template encodes the same way, specials inline).
+                text = self._tokenizer.apply_chat_template(
+                    chat,
+                    chat_template=template,
+                    tools=tools.tools,
+                    add_generation_prompt=True,
+                    tokenize=False,
                 )
+                encoded = self._tokenizer(text + prefill, add_special_tokens=False)
         except Exception as exc:  # jinja raises on messages the template rejects
             raise InvalidRequest(f"The chat template rejected the messages: {exc}", param="messages") from exc
         input_ids = tuple(int(i) for i in encoded["input_ids"])
@@ -285,6 +296,8 @@ class Engine:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            tool_format=fmt,
+            prefill=prefill,
         )
 
     def generate(

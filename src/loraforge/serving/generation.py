@@ -44,6 +44,10 @@ class GenerationRequest:
     temperature: float
     top_p: float
     seed: int | None
+    # Tool calling: the syntax of the template that rendered the prompt (None: no tools offered)
+    # and the call prefix the prompt ends with (the completion continues it).
+    tool_format: str | None = None
+    prefill: str = ""
 
     @property
     def greedy(self) -> bool:

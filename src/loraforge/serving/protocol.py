@@ -32,10 +32,45 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends a JSON string; a mapping is accepted too
+
+
+class ToolCall(_Request):
+    """An assistant message's earlier tool call (conversation history)."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDefinition(BaseModel):
+    """OpenAI's ``FunctionObject``; kept whole (extra fields included): the template renders it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """OpenAI's ``ChatCompletionTool`` (function tools only: custom tools are refused)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"]
+    function: FunctionDefinition
 
 
 class StreamOptions(_Request):
@@ -64,6 +99,11 @@ class ChatCompletionRequest(_Request):
         Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None, explained(int_range(SEED_MIN, SEED_MAX))
     ] = None
     logprobs: bool | None = None
+    tools: list[Tool] | None = None
+    # "none" | "auto" | "required" | {"type": "function", ...} | {"type": "allowed_tools", ...}:
+    # checked by serving.tools.plan_tools, which words the errors.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
     @property
     def budget(self) -> int | None:
@@ -94,29 +134,32 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
+def assistant_message(content: str | None, tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """OpenAI's ``ChatCompletionResponseMessage``: text, or tool calls with ``content`` null."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = tool_calls
+    return message
+
+
 def chat_completion(
     *,
     cid: str,
     created: int,
     model: str,
-    choices: list[tuple[str, str]],
+    choices: list[tuple[dict[str, Any], str]],
     prompt_tokens: int,
     completion_tokens: int,
 ) -> dict[str, Any]:
-    """A non-streaming ``ChatCompletion``; ``choices`` are ``(text, finish_reason)`` pairs (``n``)."""
+    """A non-streaming ``ChatCompletion``; ``choices`` are ``(message, finish_reason)`` pairs (``n``)."""
     return {
         "id": cid,
         "object": "chat.completion",
         "created": created,
         "model": model,
         "choices": [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "finish_reason": finish_reason,
-                "logprobs": None,
-            }
-            for index, (text, finish_reason) in enumerate(choices)
+            {"index": index, "message": message, "finish_reason": finish_reason, "logprobs": None}
+            for index, (message, finish_reason) in enumerate(choices)
         ],
         "usage": usage(prompt_tokens, completion_tokens),
     }

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraforge.catalog.tool_calls import template_tool_calls, tool_format
 from loraforge.contracts.trainer_events import ErrorEvent
 
 MIN_TRAINING_EXAMPLES = 10
@@ -68,7 +69,11 @@ def _flatten_content(content: Any, where: str) -> str:
 
 
 def _validate_messages(obj: Any) -> list[dict[str, Any]]:
-    """Normalise one JSONL record to ``[{"role", "content": str, "weight"?}]`` or raise ValueError."""
+    """Normalise one JSONL record to ``[{"role", "content": str, "weight"?}]`` or raise ValueError.
+
+    An assistant message's ``tool_calls`` are kept with their arguments parsed (its content may
+    then be null), and a tool message's ``tool_call_id``: the chat template renders them.
+    """
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
     messages = obj.get("messages")
@@ -82,7 +87,16 @@ def _validate_messages(obj: Any) -> list[dict[str, Any]]:
         role = msg.get("role")
         if role not in ROLES:
             raise ValueError(f"{where}: role must be one of {sorted(ROLES)}, got {role!r}")
-        norm: dict[str, Any] = {"role": role, "content": _flatten_content(msg.get("content"), where)}
+        calls = msg.get("tool_calls") if role == "assistant" else None
+        content = msg.get("content")
+        norm: dict[str, Any] = {
+            "role": role,
+            "content": "" if calls and content is None else _flatten_content(content, where),
+        }
+        if calls:
+            norm["tool_calls"] = _tool_calls(calls, where)
+        if role == "tool" and isinstance(msg.get("tool_call_id"), str):
+            norm["tool_call_id"] = msg["tool_call_id"]
         if "weight" in msg:
             if role != "assistant":
                 raise ValueError(f"{where}: weight is only allowed on assistant messages")
@@ -95,9 +109,25 @@ def _validate_messages(obj: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    try:
+        return template_tool_calls(calls)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(
+            f"{where}.tool_calls: each call needs a function name and arguments holding a JSON object"
+        ) from exc
+
+
+def _validate_example(obj: Any) -> dict[str, Any]:
+    """One JSONL record normalised: ``{"messages": [...], "tools": [...] | None}``."""
+    messages = _validate_messages(obj)
+    tools = obj.get("tools")
+    return {"messages": messages, "tools": tools if isinstance(tools, list) and tools else None}
+
+
 def read_chat_jsonl(
     path: str | Path, *, param: str = "training_file", min_examples: int = MIN_TRAINING_EXAMPLES
-) -> list[list[dict[str, Any]]]:
+) -> list[dict[str, Any]]:
     """Read and validate a chat JSONL file (one ``{"messages": [...]}`` per line; blank lines skipped).
 
     Args:
@@ -106,8 +136,8 @@ def read_chat_jsonl(
         min_examples: fewest examples accepted.
 
     Returns:
-        One normalised message list per example: ``content`` flattened to a string, ``weight``
-        kept (0 or 1) where given.
+        One ``{"messages", "tools"}`` record per example: ``content`` flattened to a string,
+        ``weight`` kept (0 or 1) where given, tool calls and tool definitions kept.
 
     Raises:
         TrainingDataError: ``invalid_training_file`` for an unreadable file or a bad line (the
@@ -123,7 +153,7 @@ def read_chat_jsonl(
         if not line.strip():
             continue
         try:
-            examples.append(_validate_messages(json.loads(line)))
+            examples.append(_validate_example(json.loads(line)))
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             raise TrainingDataError(
                 "invalid_training_file", f"{label} has an invalid example on line {lineno}: {exc}", param
@@ -150,29 +180,36 @@ def _runs(mask: list[int]) -> list[tuple[int, int]]:
 
 
 def tokenize_example(
-    tokenizer: Any, messages: list[dict[str, Any]], max_seq_length: int | None = None
+    tokenizer: Any, example: dict[str, Any] | list[dict[str, Any]], max_seq_length: int | None = None
 ) -> TokenizedExample:
     """Template and tokenize one conversation; label only the assistant turns that are trained.
 
     The chat template wraps each assistant turn in ``{% generation %}``, so
-    ``return_assistant_tokens_mask`` marks exactly the assistant content plus its end-of-turn
-    token. The k-th contiguous run of 1s is the k-th assistant message; a message with
-    ``"weight": 0`` has its run cleared. Sequences longer than ``max_seq_length`` lose their end.
+    ``return_assistant_tokens_mask`` marks exactly the assistant content (or its tool calls) plus
+    its end-of-turn token, never tool definitions, tool results or prompts. The k-th contiguous
+    run of 1s is the k-th assistant message; a message with ``"weight": 0`` has its run cleared.
+    Sequences longer than ``max_seq_length`` lose their end.
 
     Args:
         tokenizer: a Hugging Face tokenizer with the catalog chat template.
-        messages: one normalised example from :func:`read_chat_jsonl`.
+        example: one record from :func:`read_chat_jsonl` (or just its messages).
         max_seq_length: keep at most this many tokens (None: no limit).
 
     Returns:
         The example's ``input_ids`` and ``labels`` (-100 where no loss is taken).
 
     Raises:
-        ValueError: the template's assistant mask does not line up with the assistant messages.
+        ValueError: the template's assistant mask does not line up with the assistant messages, or
+            the example has tools but the template declares no tool-call format.
     """
-    chat = [{"role": m["role"], "content": m["content"]} for m in messages]
+    messages, tools = (
+        (example, None) if isinstance(example, list) else (example["messages"], example["tools"])
+    )
+    if (tools or any("tool_calls" in m for m in messages)) and tool_format(tokenizer.chat_template) is None:
+        raise ValueError("the chat template declares no tool-call format: it cannot render tools")
+    chat = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
     enc = tokenizer.apply_chat_template(
-        chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        chat, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
     if ids and isinstance(ids[0], list):  # some tokenizers return a batch of one
@@ -194,7 +231,9 @@ def tokenize_example(
 
 
 def tokenize_dataset(
-    tokenizer: Any, examples: list[list[dict[str, Any]]], max_seq_length: int | None = None
+    tokenizer: Any,
+    examples: list[dict[str, Any]] | list[list[dict[str, Any]]],
+    max_seq_length: int | None = None,
 ) -> list[TokenizedExample]:
     """:func:`tokenize_example` over a whole file.
 
@@ -206,7 +245,7 @@ def tokenize_dataset(
     Returns:
         The tokenized examples, in file order.
     """
-    return [tokenize_example(tokenizer, messages, max_seq_length) for messages in examples]
+    return [tokenize_example(tokenizer, example, max_seq_length) for example in examples]
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, Any]:
