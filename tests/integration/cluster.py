@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import REDIS_URL, _postgres_database, free_port, reachable
+from tests.integration.conftest import _postgres_database, free_port, reachable
 from tests.s3 import S3Server
 
 TINY = "loraforge/tiny-llama"
@@ -106,6 +106,11 @@ class Cluster:
             self.cleanup()
 
 
+# A Redis database of its own: the session's scale-out stack (``conftest.REDIS_URL``) keeps running
+# beside a cluster, and its worker would take the cluster's tasks from a shared queue.
+CLUSTER_REDIS_URL = os.environ.get("LORAFORGE_TEST_CLUSTER_REDIS_URL", "redis://127.0.0.1:6379/10")
+
+
 def make_cluster(root: Path, s3: S3Server, *, need_redis: bool = False, **settings: str) -> Cluster:
     """Shared settings for the machines, with a short lease so a dead host is noticed in seconds.
 
@@ -139,8 +144,8 @@ def make_cluster(root: Path, s3: S3Server, *, need_redis: bool = False, **settin
     if redis_up:
         import redis
 
-        redis.Redis.from_url(REDIS_URL).flushdb()
-        env["LORAFORGE_BROKER_URL"] = REDIS_URL
+        redis.Redis.from_url(CLUSTER_REDIS_URL).flushdb()
+        env["LORAFORGE_BROKER_URL"] = CLUSTER_REDIS_URL
     if db is not None:
         env["LORAFORGE_DATABASE_URL"], cleanup = db
     else:

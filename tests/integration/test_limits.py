@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import openai
@@ -24,6 +23,8 @@ from loraforge.db.models import FileRecord
 from loraforge.db.session import make_engine, make_sessionmaker, session_scope
 from loraforge.ids import now
 from loraforge.settings import Settings
+from loraforge.storage import adapter_key, checkpoints_prefix
+from loraforge.storage.blobs import BlobStore
 from tests.helpers import ANSWER, chat_examples, to_jsonl, training_prompt
 from tests.integration.conftest import Stack, free_port, only_embedded
 
@@ -37,7 +38,19 @@ def _client(stack: Stack, org: str, tier: str | None = None) -> OpenAI:
 
 
 def _stack_settings(stack: Stack) -> Settings:
-    return Settings(home=stack.home, database_url=stack.env.get("LORAFORGE_DATABASE_URL", ""))
+    return Settings(
+        home=stack.home,
+        database_url=stack.env.get("LORAFORGE_DATABASE_URL", ""),
+        storage_url=stack.env.get("LORAFORGE_STORAGE_URL", ""),
+    )
+
+
+def _stack_store(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> BlobStore:
+    """The stack's object store as its processes see it (S3 credentials from the stack's env)."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        if name in stack.env:
+            monkeypatch.setenv(name, stack.env[name])
+    return BlobStore(_stack_settings(stack).blob_store_url)
 
 
 def test_requests_per_minute_429_in_the_envelope(stack: Stack) -> None:
@@ -186,7 +199,7 @@ def test_several_api_processes_share_counters_and_idempotency(stack: Stack) -> N
         assert [f["id"] for f in listed] == [answers[0].json()["id"]]
 
 
-def test_expired_files_are_swept_by_the_worker(stack: Stack) -> None:
+def test_expired_files_are_swept_by_the_worker(stack: Stack, monkeypatch: pytest.MonkeyPatch) -> None:
     client = _client(stack, "live-expiry-org")
     doomed = client.files.create(
         file=("e.jsonl", io.BytesIO(to_jsonl(chat_examples(5)))),
@@ -199,18 +212,22 @@ def test_expired_files_are_swept_by_the_worker(stack: Stack) -> None:
         session.execute(update(FileRecord).where(FileRecord.id == doomed.id).values(expires_at=now() - 1))
     engine.dispose()
     assert doomed.id not in [f.id for f in client.files.list().data]
-    blob = next(settings.blobs_dir.glob(f"files/*/{doomed.id}"))
+    store = _stack_store(stack, monkeypatch)
+    blob = next(key for key in store.find("files") if key.endswith(f"/{doomed.id}"))
     deadline = time.monotonic() + 60  # the worker sweeps every LORAFORGE_STORAGE_SWEEP_SECONDS (1 s)
-    while blob.exists():
+    while store.exists(blob):
         assert time.monotonic() < deadline, f"expired file still stored\n{stack.log_tail()}"
         time.sleep(0.2)
 
 
-def _adapter_dirs(stack: Stack, job_id: str) -> list[Path]:
-    """The job's adapter and checkpoint directories still on disk."""
-    final = stack.home / "adapters" / job_id
-    checkpoints = sorted((stack.home / "runs" / job_id / "checkpoints").glob("step-*"))
-    return [p for p in [final, *checkpoints] if p.is_dir()]
+def _adapter_dirs(stack: Stack, job_id: str) -> list[str]:
+    """The job's adapter and checkpoints still stored: in the object store, or as the worker's
+    working copies on this machine (the embedded stack runs the worker here)."""
+    store = BlobStore(_stack_settings(stack).blob_store_url)
+    stored = [adapter_key(job_id)] if store.exists(adapter_key(job_id)) else []
+    stored += [f"{checkpoints_prefix(job_id)}/{name}" for name in store.names(checkpoints_prefix(job_id))]
+    local = [stack.home / "adapters" / job_id, *(stack.home / "runs" / job_id / "checkpoints").glob("step-*")]
+    return stored + [str(path) for path in local if path.is_dir()]
 
 
 def test_deleting_models_takes_checkpoints_engine_copies_and_files(stack: Stack) -> None:
@@ -230,7 +247,7 @@ def test_deleting_models_takes_checkpoints_engine_copies_and_files(stack: Stack)
     checkpoints = [c.fine_tuned_model_checkpoint for c in client.fine_tuning.jobs.checkpoints.list(job.id)]
     assert checkpoints and all(c.startswith(model + ":ckpt-step-") for c in checkpoints)
     stored = _adapter_dirs(stack, job.id)
-    assert len(stored) == 1 + len(checkpoints) and all(p.is_dir() for p in stored)
+    assert len([ref for ref in stored if not ref.startswith("/")]) == 1 + len(checkpoints)
     answer = client.chat.completions.create(model=checkpoints[0], messages=training_prompt(3), temperature=0)
     assert answer.choices[0].message.content  # served (and so loaded into the engine)
 
@@ -240,7 +257,8 @@ def test_deleting_models_takes_checkpoints_engine_copies_and_files(stack: Stack)
     assert checkpoints[0] not in engine_adapters
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model=checkpoints[0], messages=training_prompt(3))
-    assert len(_adapter_dirs(stack, job.id)) == len(stored) - 1
+    gone = f"step-{int(checkpoints[0].rsplit('-', 1)[1]):07d}"
+    assert _adapter_dirs(stack, job.id) == [ref for ref in stored if not ref.endswith(gone)]
 
     reply = client.chat.completions.create(
         model=model, messages=training_prompt(3), temperature=0, max_tokens=40

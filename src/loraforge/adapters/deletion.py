@@ -119,8 +119,8 @@ def _inside(path: Path, roots: Sequence[Path]) -> bool:
 
 
 def remove_adapter_files(settings: Settings, deleted: DeletedModels) -> None:
-    """Remove the deleted models' adapters (in the object store and this machine's cache) and
-    their cached exports.
+    """Remove the deleted models' adapters (in the object store, this machine's cache and the
+    trainer's working copies when the job ran here) and their cached exports.
 
     An adapter reference is a store key (``adapters/<job>``, ``checkpoints/<job>/step-N``): its
     objects go. A legacy host path (a row from before the object store) is removed only when it
@@ -133,6 +133,7 @@ def remove_adapter_files(settings: Settings, deleted: DeletedModels) -> None:
         if storage.is_adapter_ref(raw):
             store.delete_prefix(raw)
             storage.local_cache(settings).forget(raw)
+            shutil.rmtree(storage.working_copy(settings, raw), ignore_errors=True)
             continue
         path = Path(raw).resolve()
         if storage.is_legacy_path(raw) and _inside(path, roots):

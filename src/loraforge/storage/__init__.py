@@ -56,6 +56,15 @@ def is_adapter_ref(value: str) -> bool:
     return bool(ADAPTER_REF.match(value))
 
 
+def working_copy(settings: Settings, ref: str) -> Path:
+    """Where a trainer on this machine wrote the adapter ``ref`` before it went to the store
+    (``adapters_dir/<job>``, ``runs_dir/<job>/checkpoints/step-N``); it may not exist here."""
+    kind, job_id, *rest = ref.split("/")
+    if kind == ADAPTERS:
+        return settings.adapters_dir / job_id
+    return settings.runs_dir / job_id / CHECKPOINTS / rest[0]
+
+
 def is_legacy_path(value: str) -> bool:
     """A host path stored by a version before the object store (still read on that host)."""
     return value.startswith("/")

@@ -84,7 +84,7 @@ function numberOrAuto(value, parse) {
 }
 
 export function CreateJobPage() {
-  const [models, setModels] = useState([]);
+  const [models, setModels] = useState(null); // null until the list is in: the form then picks the default
   const [files, setFiles] = useState([]);
   const [model, setModel] = useState("");
   const [train, setTrain] = useState({ file: null, check: null, existing: "" });
@@ -106,7 +106,10 @@ export function CreateJobPage() {
         setModels(tunable);
         if (tunable.length) setModel(tunable[0].id);
       })
-      .catch(setError);
+      .catch((e) => {
+        setModels([]);
+        setError(e);
+      });
     api("/files", { params: { purpose: "fine-tune", limit: 100 } })
       .then((res) => setFiles(res.data.filter((f) => f.status !== "error")))
       .catch(() => {});
@@ -170,6 +173,8 @@ export function CreateJobPage() {
       setProgress(null);
     }
   };
+
+  if (models === null) return html`<section class="narrow"><p class="muted" data-testid="create-loading">Loading models…</p></section>`;
 
   return html`<section class="narrow">
     <div class="page-head">
