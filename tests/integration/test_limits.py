@@ -206,14 +206,14 @@ def test_expired_files_are_swept_by_the_worker(stack: Stack, monkeypatch: pytest
         purpose="fine-tune",
         expires_after={"anchor": "created_at", "seconds": 3600},
     )
+    store = _stack_store(stack, monkeypatch)
+    blob = next(key for key in store.find("files") if key.endswith(f"/{doomed.id}"))
     settings = _stack_settings(stack)
     engine = make_engine(settings)
     with session_scope(make_sessionmaker(engine)) as session:
         session.execute(update(FileRecord).where(FileRecord.id == doomed.id).values(expires_at=now() - 1))
     engine.dispose()
     assert doomed.id not in [f.id for f in client.files.list().data]
-    store = _stack_store(stack, monkeypatch)
-    blob = next(key for key in store.find("files") if key.endswith(f"/{doomed.id}"))
     deadline = time.monotonic() + 60  # the worker sweeps every LORAFORGE_STORAGE_SWEEP_SECONDS (1 s)
     while store.exists(blob):
         assert time.monotonic() < deadline, f"expired file still stored\n{stack.log_tail()}"

@@ -27,9 +27,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.adapters.format import REQUIRED_FILES
 from loraforge.contracts.trainer_events import CheckpointEvent, StepMetrics
-from loraforge.db.models import Job, JobCheckpoint
+from loraforge.db.models import Job, JobCheckpoint, JobEvent
 from loraforge.db.session import make_engine, make_sessionmaker, session_scope
 from loraforge.ids import now
+from loraforge.jobs import file_checks
 from loraforge.queue import fs_broker
 from loraforge.settings import Settings
 from loraforge.worker import reaper
@@ -336,3 +337,31 @@ def test_checkpoint_rows_follow_pruning_after_a_kill_mid_prune(
             select(JobCheckpoint.step_number).where(JobCheckpoint.job_id == job_id)
         ).scalars()
         assert sorted(steps, reverse=True) == [35, 30, 25]
+
+
+def test_a_second_check_of_the_same_job_never_requeues_it_once_running(
+    api: TestClient,
+    make_key: Callable[[str], str],
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two workers starting together both re-send a fresh job's validation (start-up
+    reconciliation). The first check queues it and a trainer starts; the second check, which read
+    the job while it was still ``validating_files``, must then write nothing: before, it moved the
+    running job back to ``queued`` and a second trainer started."""
+    job_id = new_job(api, make_key("acme"))
+    real_check = file_checks.run_check
+
+    def check_while_another_worker_starts_it(*args: Any, **kwargs: Any) -> Any:
+        result = real_check(*args, **kwargs)
+        set_job(sessions, job_id, status="running", worker_id="other:1", heartbeat_at=now())
+        return result
+
+    monkeypatch.setattr(file_checks, "run_check", check_while_another_worker_starts_it)
+    assert file_checks.validate_job_files(settings, sessions, job_id) is False
+    with session_scope(sessions) as session:
+        job = session.execute(select(Job).where(Job.id == job_id)).scalar_one()
+        assert (job.status, job.worker_id) == ("running", "other:1")
+        messages = list(session.execute(select(JobEvent.message).where(JobEvent.job_id == job_id)).scalars())
+    assert "Files validated, moving job to queued state" not in messages

@@ -18,6 +18,7 @@ from loraforge.db.session import session_scope
 from loraforge.files import uploads
 from loraforge.files.service import sweep_expired_files
 from loraforge.settings import Settings
+from loraforge.storage import open_store
 from loraforge.storage.blobs import BlobStore
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class StorageSweeper:
     def __init__(self, settings: Settings, sessions: sessionmaker[Session]) -> None:
         self._settings = settings
         self._sessions = sessions
-        self._blobs = BlobStore(str(settings.blobs_dir))
+        self._blobs = open_store(settings)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="storage-sweeper", daemon=True)
 

@@ -219,8 +219,18 @@ def validate_job_files(settings: Settings, sessions: sessionmaker[Session], job_
     )
     with session_scope(sessions) as session:
         _record_issues(session, job_id, check)
+        # Only from ``validating_files``: a second check of the same job (a worker that started
+        # meanwhile re-sends validations at start-up) must not re-queue a job already running.
+        still_validating = {"status": JobStatus.VALIDATING_FILES.value}
         if check.error is not None:
-            fail(session, job_id, JobError.model_validate(check.error), preflight=compact(check))
+            if not fail(
+                session,
+                job_id,
+                JobError.model_validate(check.error),
+                expect=still_validating,
+                preflight=compact(check),
+            ):
+                session.rollback()
             return False
         if check.estimate is not None:
             add_event(
@@ -236,11 +246,12 @@ def validate_job_files(settings: Settings, sessions: sessionmaker[Session], job_
             job_id,
             JobStatus.QUEUED,
             "Files validated, moving job to queued state",
+            expect=still_validating,
             preflight=compact(check),
         ):
             return True
-        # Cancelled while its files were being checked: write nothing after the cancellation
-        # (the estimate event above included).
+        # Cancelled while its files were being checked, or checked and moved on by another
+        # worker: write nothing (the estimate event above included).
         session.rollback()
         return False
 

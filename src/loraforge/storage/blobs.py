@@ -42,7 +42,10 @@ class BlobStore:
 
     def __init__(self, root: str) -> None:
         self.url = root
-        self.fs, self.root = fsspec.core.url_to_fs(root)
+        # Many processes on many machines write the store: a listing cached here would go on
+        # answering ``exists``/``names`` for what another process has since deleted or written.
+        remote = "://" in root and not root.startswith("file://")
+        self.fs, self.root = fsspec.core.url_to_fs(root, **({"use_listings_cache": False} if remote else {}))
         self.is_local = "file" in self.fs.protocol
         try:
             self.fs.makedirs(self.root, exist_ok=True)
