@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.api.app import create_app
-from loraforge.db.models import FileRecord, Job
+from loraforge.db.models import Batch, FileRecord, Job
 from loraforge.db.session import make_engine, make_sessionmaker, migrate, session_scope
 from loraforge.settings import Settings
 from tests.helpers import chat_examples, to_jsonl
@@ -40,6 +40,11 @@ class WorkerView:
 
     def validate_file(self, file_id: str) -> None:
         self.seen.append(("validate_file", file_id, self._status(FileRecord, file_id)))
+
+    def run_batch(self, batch_id: str, token: int) -> None:
+        with session_scope(self.sessions) as session:
+            status = session.execute(select(Batch.status).where(Batch.id == batch_id)).scalar_one_or_none()
+        self.seen.append(("run_batch", batch_id, status))
 
 
 @pytest.fixture
