@@ -76,10 +76,21 @@ def test_each_task_is_sent_after_its_row_is_committed(  # type: ignore[no-untype
     with session_scope(sessions) as session:
         session.execute(update(Job).where(Job.id == job.id).values(status="paused"))
     client.fine_tuning.jobs.resume(job.id)
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": TINY, "messages": [{"role": "user", "content": "hi"}]},
+    }
+    requests = client.files.create(file=("b.jsonl", io.BytesIO(to_jsonl([line]))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=requests.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
 
     assert view.seen == [
         ("validate_file", uploaded.id, "uploaded"),
         ("validate_file", assembled.file.id, "uploaded"),
         ("validate_job", job.id, "validating_files"),
         ("train_job", job.id, "queued"),
+        ("run_batch", batch.id, "validating"),
     ]

@@ -233,8 +233,6 @@ def _run_stretch(settings: Settings, sessions: sessionmaker[Session], batch: Bat
     async def stretch() -> str:
         try:
             for index, request in itertools.chain([first], requests):
-                if shutting_down() or time.monotonic() > deadline:
-                    return "more"
                 state = _status(sessions, batch.id)
                 if state == BatchStatus.CANCELLING:
                     batch_files.finish(sessions, blobs, batch.id, token, BatchStatus.CANCELLED)
@@ -265,6 +263,9 @@ def _run_stretch(settings: Settings, sessions: sessionmaker[Session], batch: Bat
                 custom_id = request.custom_id if isinstance(request, BatchRequest) else f"line-{request.line}"
                 if not _record(sessions, batch.id, token, index, custom_id, code, body):
                     return "ended"
+                # Checked after a request, so every stretch makes progress.
+                if shutting_down() or time.monotonic() > deadline:
+                    return "more"
             return "done"
         finally:
             await fleet.aclose()
