@@ -1,14 +1,18 @@
 """The Batch API on a live loraforge (issue 16, point 3), through the unmodified openai SDK: a
 batch of tool-calling questions to the session's fine-tuned model (``tool_model``) runs on the
 real worker and engine and answers as interactive chat does; its output file comes back through
-``files.content``; list and cancel; the trial plan's 1,000-request cap. The answers validate
-against OpenAI's published ``Batch`` schema. (A worker killed mid-batch: tests/unit/test_batches.py.)"""
+``files.content``; list and cancel; the trial plan's 1,000-request cap; the ``loraforge batches``
+CLI. The answers validate against OpenAI's published ``Batch`` schema. (A worker killed mid-batch:
+``tests/unit/test_batches.py``.)"""
 
 from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -91,6 +95,37 @@ def test_a_batch_on_the_fine_tuned_model_answers_as_chat_does(
         o["response"]["body"]["usage"]["completion_tokens"] for o in output
     )
     assert batch.id in [b.id for b in client.batches.list(limit=100)]
+
+
+def test_the_cli_runs_a_batch_on_the_base_model(
+    stack: Stack, tool_model: tuple[OpenAI, str], tmp_path: Path
+) -> None:
+    client, _ = tool_model
+    env = {**stack.env, "LORAFORGE_BASE_URL": stack.base_url, "LORAFORGE_API_KEY": client.api_key}
+    path = tmp_path / "requests.jsonl"
+    body = {"model": TINY, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "temperature": 0}
+    path.write_text(
+        "".join(
+            json.dumps({"custom_id": c, "method": "POST", "url": CHAT, "body": body}) + "\n" for c in "xy"
+        )
+    )
+
+    def cli(*args: str) -> str:
+        run = subprocess.run(
+            [sys.executable, "-m", "loraforge", "batches", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout
+
+    batch_id = cli("create", str(path), "--wait").strip()
+    assert client.batches.retrieve(batch_id).status == "completed"
+    answers = [json.loads(raw) for raw in cli("results", batch_id).splitlines()]
+    assert [a["custom_id"] for a in answers] == ["x", "y"]
+    assert all(a["response"]["body"]["model"] == TINY for a in answers)
 
 
 def test_cancel_and_the_trial_plans_cap(stack: Stack, tool_model: tuple[OpenAI, str]) -> None:
