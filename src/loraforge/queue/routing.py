@@ -11,7 +11,8 @@ from loraforge.settings import TrainPool
 
 DEFAULT_QUEUE = "default"
 # Batches (``/v1/batches``) run from a queue of their own, in short stretches that each end by
-# sending the next one: they never hold a worker thread long, so checks and training go first.
+# sending the next one: they never hold a worker thread long, so checks and training tasks wait
+# at most one stretch for a thread.
 BATCH_QUEUE = "batch"
 TRAIN_QUEUE_PREFIX = "train"
 

@@ -3,13 +3,14 @@
 A batch runs as a chain of short tasks on the ``batch`` queue: each takes the batch's lease, runs
 its requests one at a time through the engine fleet (the one engine client) for about
 ``batch_chunk_seconds``, and ends by sending the next task. So a batch holds a worker thread and
-one slot of an engine's batch at a time, never for long: file checks and training go first on the
-worker, and interactive requests share the engine with at most one batch request per batch.
+one slot of an engine's batch at a time, never for long: a file check or a training task waits
+about one stretch at most for a worker thread, and interactive requests share the engine with at
+most one request of each batch.
 
 Each answer is written to ``batch_results`` as soon as it is known, with the request counts, in
 one transaction: a worker that dies loses at most the request it was running, and the next one
-skips every finished line. Every task carries the batch's ``dispatch_token``; the reaper pass
-(:func:`stranded`) gives a batch whose worker stopped beating a new token and sends it again, at
+skips every finished line. Every task carries the batch's ``dispatch_token``; the batch reaper
+(``worker/batch_reaper.py``) gives a batch whose worker stopped beating a new token and sends it again, at
 once when that worker was a dead process on this host (a restarted ``serve`` worker), after
 ``lease_timeout_seconds`` otherwise. A task whose token is no longer the batch's stops.
 """
