@@ -42,6 +42,7 @@ class RecordingDispatcher:
         self.trained: list[str] = []
         self.train_pools: list[str] = []
         self.files_validated: list[str] = []
+        self.batches: list[tuple[str, int]] = []
 
     def validate_job(self, job_id: str) -> None:
         self.validated.append(job_id)
@@ -52,6 +53,9 @@ class RecordingDispatcher:
 
     def validate_file(self, file_id: str) -> None:
         self.files_validated.append(file_id)
+
+    def run_batch(self, batch_id: str, token: int) -> None:
+        self.batches.append((batch_id, token))
 
 
 # Fixed worker pools, so what the memory planner accepts does not depend on the test machine

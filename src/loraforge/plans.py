@@ -59,6 +59,21 @@ def limits_for(org: Organization) -> Limits:
     return Limits(**values)
 
 
+# Requests one batch (``/v1/batches``) may hold, per plan; None: no limit.
+BATCH_REQUEST_LIMITS: dict[str, int | None] = {
+    "trial": 1_000,
+    "core": 100_000,
+    "scale": 500_000,
+    "enterprise": None,
+}
+
+
+def batch_request_limit(org: Organization) -> int | None:
+    """The most requests one of ``org``'s batches may hold (its plan's; an unknown tier gets
+    the trial plan's)."""
+    return BATCH_REQUEST_LIMITS.get(org.tier, BATCH_REQUEST_LIMITS["trial"])
+
+
 def describe(value: int | None) -> str:
     """``unlimited`` or the number, for messages and the CLI."""
     return "unlimited" if value is None else str(value)

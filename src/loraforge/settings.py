@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     # (``loraforge.ops.metrics``); several workers on one host need a port each.
     worker_metrics_port: int = 0
     worker_metrics_host: str = "127.0.0.1"
+    # Batches (``/v1/batches``) run in stretches of about this many seconds, each ending by sending
+    # the next one to the ``batch`` queue, so a batch never holds a worker thread for long.
+    batch_chunk_seconds: float = Field(default=10.0, gt=0)
     # Pause: how long a worker waits for the trainer's pause checkpoint before stopping it anyway.
     pause_timeout_seconds: float = 120.0
     # Evaluate on the validation sample every N steps besides each epoch end (0: epoch ends only).

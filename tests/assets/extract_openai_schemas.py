@@ -43,6 +43,8 @@ ROOTS = (
     "ErrorResponse",
     "CreateChatCompletionResponse",
     "CreateChatCompletionStreamResponse",
+    "Batch",
+    "ListBatchesResponse",
 )
 
 

@@ -1,6 +1,7 @@
 """A self-healing ``loraforge serve`` (issue 12): its worker SIGKILLed while a job trains, the API
 keeps answering within a second and the job succeeds, resumed from its checkpoint; ``/readyz`` and
-the three ``/metrics`` of a live service; SIGTERM stops everything and hands the running job back.
+the three ``/metrics`` of a live service; a batch goes on where it stopped after its worker is
+SIGKILLed; SIGTERM stops everything and hands the running job back.
 
 Its own ``serve`` (it kills children), on the embedded backend only: the supervisor does not
 depend on the backend.
@@ -9,6 +10,7 @@ depend on the backend.
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import subprocess
@@ -185,6 +187,60 @@ def test_a_sigkilled_worker_is_restarted_while_the_api_answers_and_the_job_resum
     assert (sample(api, "loraforge_jobs", status="succeeded") or 0) >= 1
     route = {"method": "GET", "route": "/v1/fine_tuning/jobs/{job_id}", "status": "200"}
     assert (sample(api, "loraforge_http_request_duration_seconds_count", **route) or 0) >= poller.count
+
+
+def test_a_batch_survives_its_worker_being_sigkilled(serve: Stack) -> None:
+    """The worker dies mid-batch; ``serve`` restarts it and the batch goes on where it stopped:
+    every request answered once in the output, and the engine asked at most one request twice
+    (the one in flight)."""
+    sdk = client(serve)
+    names = [f"q{i:02d}" for i in range(12)]
+    body = {"model": TINY, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 8}
+    lines = [{"custom_id": n, "method": "POST", "url": "/v1/chat/completions", "body": body} for n in names]
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    route = {"method": "POST", "route": "/v1/chat/completions", "status": "200"}
+    asked_before = (
+        sample(
+            httpx.get(f"{serve.engine_url}/metrics").text,
+            "loraforge_http_request_duration_seconds_count",
+            **route,
+        )
+        or 0
+    )
+    f = sdk.files.create(file=("requests.jsonl", io.BytesIO(data)), purpose="batch")
+    batch = sdk.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+
+    def progress() -> int:
+        counts = sdk.batches.retrieve(batch.id).request_counts
+        return counts.completed if counts else 0
+
+    wait_for(lambda: progress() >= 3, 120, "the batch did not get going")
+    before = children(serve)
+    os.kill(before["worker"], signal.SIGKILL)
+    killed_at = progress()
+    assert killed_at < len(names), "the batch ended before the worker was killed"
+    wait_for(lambda: children(serve).get("worker") not in (None, before["worker"]), 60, "no new worker")
+    wait_for(
+        lambda: sdk.batches.retrieve(batch.id).status in ("completed", "failed", "cancelled"),
+        240,
+        "the batch did not end",
+    )
+    done = sdk.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (len(names), 0)
+    assert done.output_file_id is not None
+    output = [json.loads(raw) for raw in sdk.files.content(done.output_file_id).text.splitlines()]
+    assert [o["custom_id"] for o in output] == names
+    asked = (
+        sample(
+            httpx.get(f"{serve.engine_url}/metrics").text,
+            "loraforge_http_request_duration_seconds_count",
+            **route,
+        )
+        or 0
+    )
+    assert len(names) <= asked - asked_before <= len(names) + 1, (asked - asked_before, killed_at)
+    assert "stopped; sending it again" in (serve.home / "logs" / "worker.log").read_text()
 
 
 def test_sigterm_stops_everything_and_hands_the_running_job_back(serve: Stack) -> None:

@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.api.app import create_app
-from loraforge.db.models import FileRecord, Job
+from loraforge.db.models import Batch, FileRecord, Job
 from loraforge.db.session import make_engine, make_sessionmaker, migrate, session_scope
 from loraforge.settings import Settings
 from tests.helpers import chat_examples, to_jsonl
@@ -40,6 +40,11 @@ class WorkerView:
 
     def validate_file(self, file_id: str) -> None:
         self.seen.append(("validate_file", file_id, self._status(FileRecord, file_id)))
+
+    def run_batch(self, batch_id: str, token: int) -> None:
+        with session_scope(self.sessions) as session:
+            status = session.execute(select(Batch.status).where(Batch.id == batch_id)).scalar_one_or_none()
+        self.seen.append(("run_batch", batch_id, status))
 
 
 @pytest.fixture
@@ -71,10 +76,21 @@ def test_each_task_is_sent_after_its_row_is_committed(  # type: ignore[no-untype
     with session_scope(sessions) as session:
         session.execute(update(Job).where(Job.id == job.id).values(status="paused"))
     client.fine_tuning.jobs.resume(job.id)
+    line = {
+        "custom_id": "a",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": TINY, "messages": [{"role": "user", "content": "hi"}]},
+    }
+    requests = client.files.create(file=("b.jsonl", io.BytesIO(to_jsonl([line]))), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=requests.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
 
     assert view.seen == [
         ("validate_file", uploaded.id, "uploaded"),
         ("validate_file", assembled.file.id, "uploaded"),
         ("validate_job", job.id, "validating_files"),
         ("train_job", job.id, "queued"),
+        ("run_batch", batch.id, "validating"),
     ]

@@ -177,7 +177,7 @@ def test_the_celery_dispatcher_puts_training_on_the_pool_queue(settings: Setting
 
 def test_workers_consume_default_and_the_queues_of_their_pools() -> None:
     assert train_queue("h100x8") == "train.h100x8"
-    assert worker_queues(TEST_POOLS) == ["default", "train.gpu", "train.cpu"]  # loraforge serve
-    assert worker_queues(TEST_POOLS, ["cpu"]) == ["default", "train.cpu"]
+    assert worker_queues(TEST_POOLS) == ["default", "train.gpu", "train.cpu", "batch"]  # loraforge serve
+    assert worker_queues(TEST_POOLS, ["cpu"]) == ["default", "train.cpu", "batch"]
     with pytest.raises(ValueError, match="unknown train pool"):
         worker_queues(TEST_POOLS, ["h200"])

@@ -215,7 +215,7 @@ def test_serve_hands_its_children_the_pools_it_resolved(
     assert api_pools == worker_pools
     gpu = api_pools[0]
     assert (gpu.name, gpu.count, gpu.memory_gib, gpu.devices) == ("gpu", 1, 79.6, ("1",))
-    assert worker_queues(worker_pools) == ["default", "train.gpu", "train.cpu"]
+    assert worker_queues(worker_pools) == ["default", "train.gpu", "train.cpu", "batch"]
 
 
 def test_serve_with_one_gpu_plans_training_around_the_engines_weights(

@@ -75,7 +75,7 @@ def test_watch_state_line_has_step_loss_and_eta() -> None:
 def test_client_commands_are_registered_next_to_the_server_ones() -> None:
     result = CliRunner().invoke(cli_app, ["--help"])
     assert result.exit_code == 0
-    for command in ("serve", "api", "worker", "engine", "keys", "files", "jobs", "models", "chat"):
+    for command in ("serve", "api", "worker", "engine", "keys", "files", "jobs", "models", "batches", "chat"):
         assert re.search(rf"│ {command}\b", result.output), command
 
 

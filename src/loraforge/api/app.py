@@ -15,6 +15,7 @@ from loraforge.api.idempotency import install_idempotency
 from loraforge.api.openapi import install_openapi
 from loraforge.api.ratelimit import RateLimitMiddleware
 from loraforge.api.routes import (
+    batches,
     chat_completions,
     files,
     fine_tuning_jobs,
@@ -103,7 +104,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.add_middleware(RateLimitMiddleware)
 
     v1 = APIRouter(prefix="/v1")
-    for module in (files, uploads, fine_tuning_jobs, models, chat_completions, webhook_endpoints):
+    for module in (files, uploads, fine_tuning_jobs, models, chat_completions, batches, webhook_endpoints):
         v1.include_router(module.router)
     app.include_router(v1)
 

@@ -1,6 +1,6 @@
 """How the API hands work to the workers: the dispatcher protocol and the Celery task names.
 
-The domain services (``jobs/``, ``files/``) take a :class:`Dispatcher` and call it only after
+The domain services (``jobs/``, ``files/``, ``batches/``) take a :class:`Dispatcher` and call it only after
 their transaction committed, so a worker always finds the row it is sent. The production one
 (``queue/dispatch.py``) sends these task names through Celery; the API imports the protocol, not
 Celery, and tests pass a recording fake.
@@ -16,6 +16,7 @@ VALIDATE_JOB_TASK = "loraforge.validate_job"
 VALIDATE_FILE_TASK = "loraforge.validate_file"
 TRAIN_JOB_TASK = "loraforge.train_job"
 DELIVER_WEBHOOK_TASK = "loraforge.deliver_webhook"
+RUN_BATCH_TASK = "loraforge.run_batch"
 
 
 class Dispatcher(Protocol):
@@ -31,4 +32,9 @@ class Dispatcher(Protocol):
 
     def validate_file(self, file_id: str) -> None:
         """Queue the check of an ``uploaded`` fine-tune file (:data:`VALIDATE_FILE_TASK`)."""
+        ...
+
+    def run_batch(self, batch_id: str, token: int) -> None:
+        """Queue a batch's next stretch of requests on the low-priority ``batch`` queue
+        (:data:`RUN_BATCH_TASK`); ``token`` is the batch's ``dispatch_token`` it was sent with."""
         ...

@@ -296,3 +296,67 @@ class WorkerHeartbeat(Base):
     pools: Mapped[list[Any]] = mapped_column(JSON)
     started_at: Mapped[int] = mapped_column(Integer)
     beat_at: Mapped[int] = mapped_column(Integer, index=True)
+
+
+class Batch(Base):
+    """A batch of chat completions run asynchronously over an uploaded JSONL (``/v1/batches``).
+
+    validating -> in_progress -> finalizing -> completed; or failed, expired, cancelling ->
+    cancelled. The worker running it holds a lease (``worker_id``, ``heartbeat_at``) and each
+    task it is sent carries ``dispatch_token``: a task whose token is no longer the row's (the
+    reaper sent a newer one) stops, so one batch never runs twice at once.
+    """
+
+    __tablename__ = "batches"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    id: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    model: Mapped[str] = mapped_column(String(512))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    # OpenAI's ``errors.data`` (failed batches): ``[{code, message, param, line}]``.
+    errors: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # ``output_expires_after[seconds]``: the output and error files expire that long after
+    # they are written.
+    output_expires_after: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[int] = mapped_column(Integer)
+    in_progress_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expires_at: Mapped[int] = mapped_column(Integer)
+    finalizing_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    completed_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    failed_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    expired_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cancelling_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    cancelled_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON, nullable=True)
+    worker_id: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    heartbeat_at: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    dispatch_token: Mapped[int] = mapped_column(Integer, default=1)
+
+
+class BatchResult(Base):
+    """The answer to one line of a running batch, written as soon as it is known (so a restarted
+    worker never runs a finished line again); turned into the output and error files, then
+    removed, when the batch ends."""
+
+    __tablename__ = "batch_results"
+    __table_args__ = (UniqueConstraint("batch_id", "line", name="uq_batch_results_line"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), index=True)
+    # 0-based index of the request among the file's non-blank lines.
+    line: Mapped[int] = mapped_column(Integer)
+    # The whole output line (``{id, custom_id, response, error}``) as JSON text.
+    record: Mapped[str] = mapped_column(Text)
+    # Whether it goes to the output file (a 2xx answer) or the error file.
+    ok: Mapped[bool] = mapped_column(Boolean)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from celery import Celery
 
-from loraforge.contracts.dispatch import TRAIN_JOB_TASK, VALIDATE_FILE_TASK, VALIDATE_JOB_TASK
+from loraforge.contracts.dispatch import (
+    RUN_BATCH_TASK,
+    TRAIN_JOB_TASK,
+    VALIDATE_FILE_TASK,
+    VALIDATE_JOB_TASK,
+)
 from loraforge.queue.celery_app import create_celery
-from loraforge.queue.routing import train_queue
+from loraforge.queue.routing import BATCH_QUEUE, train_queue
 from loraforge.settings import Settings
 
 
@@ -26,3 +31,7 @@ class CeleryDispatcher:
     def train_job(self, job_id: str, pool: str) -> None:
         """Queue the training task of a queued job for its pool's workers."""
         self._app.send_task(TRAIN_JOB_TASK, args=[job_id], queue=train_queue(pool))
+
+    def run_batch(self, batch_id: str, token: int) -> None:
+        """Queue a batch's next stretch of requests on the low-priority ``batch`` queue."""
+        self._app.send_task(RUN_BATCH_TASK, args=[batch_id, token], queue=BATCH_QUEUE)

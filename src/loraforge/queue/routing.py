@@ -10,6 +10,10 @@ from collections.abc import Iterable
 from loraforge.settings import TrainPool
 
 DEFAULT_QUEUE = "default"
+# Batches (``/v1/batches``) run from a queue of their own, in short stretches that each end by
+# sending the next one: they never hold a worker thread long, so checks and training tasks wait
+# at most one stretch for a thread.
+BATCH_QUEUE = "batch"
 TRAIN_QUEUE_PREFIX = "train"
 
 
@@ -19,7 +23,8 @@ def train_queue(pool: str) -> str:
 
 
 def worker_queues(pools: Iterable[TrainPool], serve: Iterable[str] | None = None) -> list[str]:
-    """The queues a worker consumes: ``default`` plus the training queue of each pool it serves.
+    """The queues a worker consumes: ``default``, the training queue of each pool it serves, and
+    ``batch``.
 
     Args:
         pools: the deployment's pools.
@@ -27,7 +32,7 @@ def worker_queues(pools: Iterable[TrainPool], serve: Iterable[str] | None = None
             ``loraforge serve`` does).
 
     Returns:
-        Queue names, ``default`` first.
+        Queue names, ``default`` first and ``batch`` last.
 
     Raises:
         ValueError: ``serve`` names a pool that is not configured.
@@ -37,4 +42,4 @@ def worker_queues(pools: Iterable[TrainPool], serve: Iterable[str] | None = None
     unknown = [name for name in wanted if name not in known]
     if unknown:
         raise ValueError(f"unknown train pool(s) {unknown}; configured: {known}")
-    return [DEFAULT_QUEUE, *(train_queue(name) for name in wanted)]
+    return [DEFAULT_QUEUE, *(train_queue(name) for name in wanted), BATCH_QUEUE]

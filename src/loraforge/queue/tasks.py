@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.contracts.dispatch import (
     DELIVER_WEBHOOK_TASK,
+    RUN_BATCH_TASK,
     TRAIN_JOB_TASK,
     VALIDATE_FILE_TASK,
     VALIDATE_JOB_TASK,
@@ -20,11 +21,12 @@ from loraforge.files.sweeper import StorageSweeper
 from loraforge.jobs import file_checks, placement
 from loraforge.ops.metrics import serve_worker_metrics, worker_metrics
 from loraforge.ops.presence import PresenceBeat
-from loraforge.queue.routing import TRAIN_QUEUE_PREFIX, train_queue
+from loraforge.queue.routing import BATCH_QUEUE, TRAIN_QUEUE_PREFIX, train_queue
 from loraforge.settings import get_settings
 from loraforge.webhooks import delivery
 from loraforge.webhooks.sweeper import Sweeper
-from loraforge.worker import training
+from loraforge.worker import batches, training
+from loraforge.worker.batch_reaper import BatchReaper
 from loraforge.worker.reaper import Reaper
 
 
@@ -76,6 +78,26 @@ def deliver_webhook_task(delivery_id: str) -> None:
     status = delivery.deliver(get_settings(), _sessions(), delivery_id)
     if status in ("pending", "failed"):  # this attempt failed ("failed": no retry is left)
         worker_metrics().webhook_failed(final=status == "failed")
+
+
+@shared_task(name=RUN_BATCH_TASK, acks_late=True)
+def run_batch_task(batch_id: str, token: int) -> None:
+    """Run a stretch of a batch's requests, then send the task of the next stretch
+    (``worker/batches.py``: a batch holds a worker thread only briefly at a time)."""
+    following = batches.run_batch(get_settings(), _sessions(), batch_id, token)
+    if following is not None:
+        send_batch(batch_id, following.token, following.countdown)
+
+
+def send_batch(batch_id: str, token: int, countdown: float = 0.0) -> None:
+    """Send a batch's task to the low-priority ``batch`` queue."""
+    run_batch_task.apply_async(args=[batch_id, token], queue=BATCH_QUEUE, countdown=countdown or None)
+
+
+@worker_ready.connect
+def _start_batch_reaper(**_: object) -> None:
+    """Each worker process sends again the batches whose worker stopped (``worker/batch_reaper.py``)."""
+    BatchReaper(get_settings(), _sessions(), send=send_batch).start()
 
 
 @worker_ready.connect

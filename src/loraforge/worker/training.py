@@ -56,6 +56,11 @@ def begin_shutdown() -> None:
     _shutting_down.set()
 
 
+def shutting_down() -> bool:
+    """Whether this worker process is stopping (batches hand their work back too)."""
+    return _shutting_down.is_set()
+
+
 def worker_id() -> str:
     """This worker process's lease holder name: ``host:pid``."""
     return f"{socket.gethostname()}:{os.getpid()}"
