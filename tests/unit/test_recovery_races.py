@@ -226,9 +226,10 @@ def test_two_reapers_watching_one_job_send_it_once(
         one = reaper.Reaper(settings, sessions, train=sent.append, validate=lambda _: None)
         two = reaper.Reaper(settings, sessions, train=sent.append, validate=lambda _: None)
         one.run_once(startup=True)
-        set_job(sessions, job_id, queued_at=now() - 1)  # as if both start-ups had sent the same stamp
+        stamp = now() - 1  # one value: a second ticking between two now() calls made this flaky
+        set_job(sessions, job_id, queued_at=stamp)  # as if both start-ups had sent the same stamp
         for reaping in (one, two):
-            reaping._watched[job_id] = reaper._Watch(now() - 1, clock.now, 5.0)
+            reaping._watched[job_id] = reaper._Watch(stamp, clock.now, 5.0)
         assert one.run_once().resent + two.run_once().resent == [job_id]
     finally:
         patch.undo()
