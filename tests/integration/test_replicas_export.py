@@ -248,10 +248,15 @@ def test_gguf_export_reads_back_with_the_served_template(replicas: Replicas, tmp
         "LORAFORGE_BASE_URL": replicas.stack.base_url,
         "LORAFORGE_API_KEY": replicas.client.api_key,
     }
+    command = ["models", "export", replicas.model, "--format", "gguf", "-o", str(target)]
     done = subprocess.run(
-        [sys.executable, "-m", "loraforge", "models", "export", replicas.model, "--format", "gguf", "-o", str(target)],
-        env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [sys.executable, "-m", "loraforge", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     elapsed = time.monotonic() - started
     with tarfile.open(target) as tar:

@@ -39,7 +39,9 @@ def field(reader: gguf.GGUFReader, key: str):  # type: ignore[no-untyped-def]
 
 def go_render(template: str, messages: list[dict[str, str]]) -> str:
     """The subset of Go's text/template the exported TEMPLATE uses (range, if/else if eq .Role)."""
-    head, body, tail = re.fullmatch(r"(.*?)\{\{- range \.Messages \}\}(.*)\{\{- end \}\}\{\{- end \}\}(.*)", template, re.S).groups()  # type: ignore[union-attr]  # noqa: E501
+    head, body, tail = re.fullmatch(
+        r"(.*?)\{\{- range \.Messages \}\}(.*)\{\{- end \}\}\{\{- end \}\}(.*)", template, re.S
+    ).groups()  # type: ignore[union-attr]  # noqa: E501
     branches = dict(re.findall(r'if eq \.Role "(\w+)" \}\}(.*?)(?=\{\{- else|$)', body, re.S))
     out = head
     for message in messages:
@@ -59,14 +61,19 @@ def test_model_files_hold_tensors_tokenizer_template_and_stops(exported):
         assert field(reader, "llama.attention.head_count_kv") == config["num_key_value_heads"]
         tensors = {t.name: t for t in reader.tensors}
         assert len(tensors) == len(weights) == 2 * 9 + 3
-        assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.1.ffn_down.weight"} <= set(tensors)
+        assert {"token_embd.weight", "output_norm.weight", "output.weight", "blk.1.ffn_down.weight"} <= set(
+            tensors
+        )
         assert tensors["blk.0.attn_q.weight"].tensor_type == kind
         assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
         # Numbers: the down projection is the merged one (to f16 / q8_0 precision).
         down = gguf.dequantize(tensors["blk.1.ffn_down.weight"].data, kind).reshape(128 // 2, -1)
         expected = weights["model.layers.1.mlp.down_proj.weight"]
         assert down.shape == expected.shape
-        assert np.abs(down - expected).max() < (1e-3 if kind == gguf.GGMLQuantizationType.F16 else 2e-2) * np.abs(expected).max()
+        assert (
+            np.abs(down - expected).max()
+            < (1e-3 if kind == gguf.GGMLQuantizationType.F16 else 2e-2) * np.abs(expected).max()
+        )
         # q is permuted to GGUF's rotary layout: rows re-ordered within each head, not changed.
         q = gguf.dequantize(tensors["blk.0.attn_q.weight"].data, kind).reshape(64, 64)
         q_hf = weights["model.layers.0.self_attn.q_proj.weight"]
@@ -74,7 +81,10 @@ def test_model_files_hold_tensors_tokenizer_template_and_stops(exported):
         per_head = q_hf.reshape(4, 2, 8, 64).swapaxes(1, 2).reshape(64, 64)
         assert np.allclose(q, per_head, atol=2e-2 * np.abs(q_hf).max())
         # Tokenizer, template, stops.
-        tokens = [bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in reader.fields["tokenizer.ggml.tokens"].data]
+        tokens = [
+            bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode()
+            for i in reader.fields["tokenizer.ggml.tokens"].data
+        ]
         assert len(tokens) == config["vocab_size"] == 1024
         assert field(reader, "tokenizer.ggml.model") == "gpt2"
         assert len(field(reader, "tokenizer.ggml.merges")) > 100
@@ -98,7 +108,9 @@ def test_lora_file_is_the_peft_adapter(exported):
     assert np.array_equal(np.asarray(a.data).reshape(expected.shape), expected)
     b_k = np.asarray(tensors["blk.0.attn_k.weight.lora_b"].data)
     k_hf = peft["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"]  # (32, r), 2 kv heads
-    assert np.array_equal(b_k.reshape(k_hf.shape), k_hf.reshape(2, 2, 8, -1).swapaxes(1, 2).reshape(k_hf.shape))
+    assert np.array_equal(
+        b_k.reshape(k_hf.shape), k_hf.reshape(2, 2, 8, -1).swapaxes(1, 2).reshape(k_hf.shape)
+    )
 
 
 def test_modelfile_template_renders_like_the_jinja_one(exported):

@@ -366,7 +366,9 @@ def export_archive(
             from loraforge.adapters import gguf_export
 
             built = gguf_export.stored_gguf(settings, model, adapter_dir, merged)
-            return archive_root(model.name, "-gguf") + ".tar", gguf_export.gguf_entries(built, entry, model.name)
+            return archive_root(model.name, "-gguf") + ".tar", gguf_export.gguf_entries(
+                built, entry, model.name
+            )
     except AdapterExportError as exc:
         if export_format == "peft" or isinstance(exc, ExportRefusedError):
             raise InvalidRequestError(

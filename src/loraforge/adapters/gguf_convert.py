@@ -34,6 +34,7 @@ import numpy as np
 
 from loraforge.adapters.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, validate_adapter_dir
 from loraforge.adapters.gguf_export import F16_FILE, LORA_FILE, MODELFILE, Q8_FILE
+
 _ARCH = gguf.MODEL_ARCH.LLAMA
 _MARKS = ("\x01SYSTEM\x01", "\x01USER\x01", "\x01ASSISTANT\x01", "\x01USER2\x01")
 
@@ -53,7 +54,9 @@ def _permute(weights: np.ndarray, n_head: int) -> np.ndarray:
 
 def _hparams(config: dict[str, Any]) -> dict[str, Any]:
     if config.get("model_type") != "llama":
-        raise GgufExportError(f"only Llama-architecture models are exported as GGUF, not {config.get('model_type')}")
+        raise GgufExportError(
+            f"only Llama-architecture models are exported as GGUF, not {config.get('model_type')}"
+        )
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if rope.get("rope_type", "default") not in ("default", None):
         raise GgufExportError(f"RoPE scaling {rope.get('rope_type')!r} is not exported as GGUF yet")
@@ -159,7 +162,9 @@ def _write_model(
     writer = gguf.GGUFWriter(str(path), _ARCH_NAME)
     _metadata(writer, name, config, hp, vocab)
     writer.add_file_type(
-        gguf.LlamaFileType.MOSTLY_Q8_0 if qtype == gguf.GGMLQuantizationType.Q8_0 else gguf.LlamaFileType.MOSTLY_F16
+        gguf.LlamaFileType.MOSTLY_Q8_0
+        if qtype == gguf.GGMLQuantizationType.Q8_0
+        else gguf.LlamaFileType.MOSTLY_F16
     )
     for tname, data in tensors.items():
         if data.ndim == 1:
@@ -251,7 +256,11 @@ def ollama_template(render: Any) -> str | None:
     except Exception:  # noqa: BLE001 - a template that refuses these conversations: no Go template
         return None
     head, user_post = one.split(user_m)
-    if not turn.startswith(one) or not gen.startswith(one) or not three.startswith(turn[: turn.index(asst_m)]):
+    if (
+        not turn.startswith(one)
+        or not gen.startswith(one)
+        or not three.startswith(turn[: turn.index(asst_m)])
+    ):
         return None
     asst_pre, asst_post = turn[len(one) :].split(asst_m)
     user_pre = three[len(turn) : three.index(user2_m)]

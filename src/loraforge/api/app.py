@@ -20,6 +20,7 @@ from loraforge.api.routes import (
     fine_tuning_jobs,
     models,
     operations,
+    organization,
     uploads,
     webhook_endpoints,
 )
@@ -103,7 +104,15 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.add_middleware(RateLimitMiddleware)
 
     v1 = APIRouter(prefix="/v1")
-    for module in (files, uploads, fine_tuning_jobs, models, chat_completions, webhook_endpoints):
+    for module in (
+        files,
+        uploads,
+        fine_tuning_jobs,
+        models,
+        chat_completions,
+        webhook_endpoints,
+        organization,
+    ):
         v1.include_router(module.router)
     app.include_router(v1)
 

@@ -47,7 +47,9 @@ def delete(model: Annotated[str, typer.Argument(help="Fine-tuned model id (ft:..
 @api_errors
 def export(
     model: Annotated[str, typer.Argument(help="Fine-tuned model (or checkpoint) id")],
-    fmt: Annotated[str, typer.Option("--format", help="peft (adapter), merged (full weights) or gguf (llama.cpp/Ollama)")] = "peft",
+    fmt: Annotated[
+        str, typer.Option("--format", help="peft (adapter), merged (full weights) or gguf (llama.cpp/Ollama)")
+    ] = "peft",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the .tar")] = None,
 ) -> None:
     """Download MODEL as a tar with a progress bar; prints the path written."""
