@@ -49,6 +49,25 @@ def _status(client: OpenAI, method: str = "get", **body: object) -> dict:
     return dict(response.json())
 
 
+def test_operator_cli_sets_and_clears_the_key(api, make_key, settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from loraforge import cli, cli_orgs
+
+    client = sdk(api, make_key("acme"))
+    monkeypatch.setattr(cli_orgs, "get_settings", lambda: settings)
+    runner = CliRunner()
+    done = runner.invoke(cli.app, ["orgs", "wandb", "acme", "--entity", "acme-team"], input=KEY + "\n")
+    assert done.exit_code == 0, done.output
+    assert KEY not in done.output and "…cdef" in done.output
+    assert _status(client)["configured"] is True and _status(client)["entity"] == "acme-team"
+    assert runner.invoke(cli.app, ["orgs", "wandb", "nobody"], input=KEY + "\n").exit_code == 2
+    assert runner.invoke(cli.app, ["orgs", "wandb", "acme"], input="\n").exit_code != 0  # no key
+    cleared = runner.invoke(cli.app, ["orgs", "wandb", "acme", "--clear"])
+    assert cleared.exit_code == 0 and "removed" in cleared.output
+    assert _status(client)["configured"] is False
+
+
 def _job(client: OpenAI, **extra: object):  # type: ignore[no-untyped-def]
     data = io.BytesIO(to_jsonl(chat_examples(10)))
     file_id = client.files.create(file=("t.jsonl", data), purpose="fine-tune").id
