@@ -130,10 +130,7 @@ class JobCreateParams(BaseModel):
         explained("an object of at most 16 string keys (64 characters) and string values (512)"),
     ] = None
     # One W&B run per job; the org's key is set apart (``/v1/organization/integrations/wandb``).
-    integrations: Annotated[
-        Annotated[list[Integration], Field(max_length=1)] | None,
-        explained("a list of at most one integration, of type 'wandb'"),
-    ] = None
+    integrations: Annotated[list[Integration], Field(max_length=1)] | None = None
     # loraforge extension: validate the files and estimate the run without creating a job.
     dry_run: bool | None = None
 
