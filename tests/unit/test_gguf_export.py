@@ -13,12 +13,18 @@ import pytest
 from safetensors.numpy import load_file
 
 from loraforge.adapters.format import read_manifest
-from loraforge.adapters.gguf_convert import F16_FILE, LORA_FILE, MODELFILE, Q8_FILE, convert
+from loraforge.adapters.gguf_convert import (
+    F16_FILE,
+    LORA_FILE,
+    MODELFILE,
+    Q8_FILE,
+    GgufExportError,
+    convert,
+    ollama_template,
+)
 from loraforge.adapters.merge import merge
 from loraforge.catalog import load_catalog
 from tests.unit.lora_helpers import BASE, train_adapter
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +55,7 @@ def go_render(template: str, messages: list[dict[str, str]]) -> str:
     return out + tail
 
 
+@pytest.mark.slow
 def test_model_files_hold_tensors_tokenizer_template_and_stops(exported):
     adapter_dir, merged, out = exported
     manifest = read_manifest(adapter_dir)
@@ -94,6 +101,7 @@ def test_model_files_hold_tensors_tokenizer_template_and_stops(exported):
     assert (out / Q8_FILE).stat().st_size < 0.7 * (out / F16_FILE).stat().st_size
 
 
+@pytest.mark.slow
 def test_lora_file_is_the_peft_adapter(exported):
     adapter_dir, _, out = exported
     reader = gguf.GGUFReader(out / LORA_FILE)
@@ -113,6 +121,7 @@ def test_lora_file_is_the_peft_adapter(exported):
     )
 
 
+@pytest.mark.slow
 def test_modelfile_template_renders_like_the_jinja_one(exported):
     from transformers import AutoTokenizer
 
@@ -130,3 +139,22 @@ def test_modelfile_template_renders_like_the_jinja_one(exported):
     ]
     jinja = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     assert go_render(template, conversation) == jinja
+
+
+def test_what_gguf_cannot_express_is_refused(tmp_path) -> None:
+    from loraforge.adapters.gguf_convert import _hparams
+
+    llama = {"model_type": "llama", "num_attention_heads": 4, "hidden_size": 64}
+    assert _hparams(llama)["head_dim"] == 16
+    with pytest.raises(GgufExportError, match="only Llama"):
+        _hparams({**llama, "model_type": "qwen2"})
+    with pytest.raises(GgufExportError, match="llama3"):
+        _hparams({**llama, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}})
+
+
+def test_a_template_that_is_not_per_message_gets_no_go_template() -> None:
+    # A template that joins all contents into one block: no role prefixes to read off.
+    def joined(messages, generation):  # type: ignore[no-untyped-def]
+        return "<s>" + " | ".join(m["content"] for m in messages) + (" >>" if generation else "")
+
+    assert ollama_template(joined) is None

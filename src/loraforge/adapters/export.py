@@ -1,4 +1,5 @@
-"""Export a fine-tuned model: the PEFT adapter or merged full weights, as a streamed tar (no torch).
+"""Export a fine-tuned model: the PEFT adapter, merged full weights or GGUF (``gguf_export.py``),
+as a streamed tar (no torch).
 
 PEFT export (``format=peft``)::
 

@@ -32,6 +32,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from loraforge.adapters.export import AdapterExportError, lora_modules, serving_problems
 from loraforge.adapters.format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, validate_adapter_dir
 from loraforge.adapters.gguf_export import F16_FILE, LORA_FILE, MODELFILE, Q8_FILE
 
@@ -197,7 +198,6 @@ def _model_tensors(merged_dir: Path, config: dict[str, Any], hp: dict[str, Any])
 
 
 def _write_lora(adapter_dir: Path, path: Path, name: str, config: dict[str, Any], hp: dict[str, Any]) -> int:
-    from loraforge.adapters.export import AdapterExportError, lora_modules, serving_problems
     from loraforge.catalog.catalog import ServingTarget
 
     lora_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         convert(args.merged_dir, args.adapter_dir, args.out_dir, name=args.name)
     except Exception as exc:  # noqa: BLE001 - reported on stderr for the caller
         print(f"GGUF export failed: {exc}", file=sys.stderr)  # noqa: T201
-        return 2 if isinstance(exc, ValueError) else 1
+        # 2: this model cannot be GGUF (the API answers 400); 1: the conversion broke (503).
+        return 2 if isinstance(exc, (GgufExportError, AdapterExportError)) else 1
     return 0
 
 
