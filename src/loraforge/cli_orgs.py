@@ -5,6 +5,9 @@
     loraforge orgs set acme --tier core --rpm 1200 --max-concurrent 50 --storage-bytes 200GiB
     loraforge orgs set acme --rpm default          # back to the plan's
     loraforge orgs set acme --max-hosted-models unlimited
+    loraforge orgs wandb acme                      # the W&B key, read from stdin or a prompt
+    loraforge orgs wandb acme --entity my-team < key.txt
+    loraforge orgs wandb acme --clear
 
 Values are stored on the organization's row (``loraforge.plans``: NULL is the plan's, -1
 unlimited). API processes pick a change up within ``auth_cache_seconds``.
@@ -155,4 +158,40 @@ def list_orgs() -> None:
             limits = limits_for(org)
             table.add_row(org.name, org.id, org.tier, *(describe(getattr(limits, n)) for n in LIMIT_NAMES))
     Console().print(table)
+    engine.dispose()
+
+
+@orgs_app.command("wandb")
+def wandb_key(
+    org: Annotated[str, typer.Argument(help="Organization name")],
+    entity: Annotated[str | None, typer.Option(help="Default W&B entity (team or user) of its runs")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Forget the organization's W&B key")] = False,
+) -> None:
+    """Set the organization's Weights & Biases API key (read from stdin, or a hidden prompt; stored
+    encrypted, never shown again), used by its jobs' ``wandb`` integrations."""
+    import sys
+
+    from loraforge import org_integrations
+    from loraforge.db.session import session_scope
+
+    key = ""
+    if not clear:
+        key = sys.stdin.readline() if not sys.stdin.isatty() else typer.prompt("W&B API key", hide_input=True)
+        key = key.strip()
+        if not key:
+            raise typer.BadParameter("no W&B API key on stdin")
+    engine, sessions = _sessions()
+    with session_scope(sessions) as session:
+        row = session.execute(select(Organization).where(Organization.name == org)).scalar_one_or_none()
+        if row is None:
+            err.print(f"[red]No organization named {org!r}.[/red]")
+            raise typer.Exit(2)
+        if clear:
+            found = org_integrations.delete_wandb(session, row.id)
+            Console().print(f"{org}: W&B key {'removed' if found else 'was not set'}")
+        else:
+            stored = org_integrations.set_wandb(session, get_settings(), row.id, key, entity)
+            Console().print(
+                f"{org}: W&B key {stored.api_key_hint} set" + (f", entity {entity}" if entity else "")
+            )
     engine.dispose()

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -183,6 +183,15 @@ class Settings(BaseSettings):
     # ``POST /v1/webhook_endpoints/{id}/test``: how long the API waits for the receiver.
     webhook_test_timeout_seconds: float = 5.0
 
+    # Encrypts the organizations' integration keys (W&B) at rest: any passphrase. Empty: a random
+    # key kept in ``home/secret.key`` (made on first use). Set it, the same everywhere, when the API
+    # and the workers run on machines with different homes.
+    secret_key: SecretStr = SecretStr("")
+    # W&B runs of jobs with a ``wandb`` integration: the server (empty: wandb's default, or
+    # WANDB_BASE_URL) and how long ``wandb.init`` may try before the job gets its warning event.
+    wandb_base_url: str = ""
+    wandb_init_timeout_seconds: float = 60.0
+
     @field_validator("home")
     @classmethod
     def _absolute_home(cls, value: Path) -> Path:
@@ -251,6 +260,12 @@ class Settings(BaseSettings):
     def runs_dir(self) -> Path:
         """Runs on this machine: spec, trainer log, local checkpoints (mirrored to the store)."""
         return self.home / "runs"
+
+    @property
+    def wandb_dir(self) -> Path:
+        """W&B's local files of the runs of jobs with a ``wandb`` integration (``wandb/`` under it;
+        offline runs stay there for ``wandb sync``)."""
+        return self.home / "wandb"
 
     @property
     def models_dir(self) -> Path:

@@ -138,6 +138,8 @@ def start_stack(home: Path, extra_env: dict[str, str], backend: str = "embedded"
         "LORAFORGE_WEBHOOK_ALLOWED_HOSTS": "127.0.0.1",
         # Expired uploads and files swept within a second or so, not a minute.
         "LORAFORGE_STORAGE_SWEEP_SECONDS": "1",
+        # Jobs with a W&B integration log to offline run files (no network in CI).
+        "WANDB_MODE": "offline",
         **extra_env,
     }
     log_path = home / "serve.log"

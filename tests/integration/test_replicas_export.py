@@ -232,8 +232,51 @@ def test_export_round_trips_and_is_owner_only(replicas: Replicas, tmp_path: Path
 
     outsider = replicas.stack.key("replica-outsider-org")
     assert _export(replicas, "peft", key=outsider).status_code == 404
-    bad = _export(replicas, "gguf")
+    bad = _export(replicas, "onnx")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "format"
+
+
+def test_gguf_export_reads_back_with_the_served_template(replicas: Replicas, tmp_path: Path) -> None:
+    """``format=gguf`` through the CLI: merged f16 and q8_0, the LoRA, the Modelfile; the files hold
+    the tokenizer, the chat template the model is served with and its stop token."""
+    import gguf
+
+    started = time.monotonic()
+    target = tmp_path / "model-gguf.tar"
+    env = {
+        **replicas.stack.env,
+        "LORAFORGE_BASE_URL": replicas.stack.base_url,
+        "LORAFORGE_API_KEY": replicas.client.api_key,
+    }
+    command = ["models", "export", replicas.model, "--format", "gguf", "-o", str(target)]
+    done = subprocess.run(
+        [sys.executable, "-m", "loraforge", *command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    elapsed = time.monotonic() - started
+    with tarfile.open(target) as tar:
+        tar.extractall(tmp_path / "gguf", filter="data")
+        names = sorted(n.split("/", 1)[1] for n in tar.getnames())
+    assert names == ["Modelfile", "README.md", "lora-f32.gguf", "model-f16.gguf", "model-q8_0.gguf"]
+    root = next((tmp_path / "gguf").iterdir())
+    manifest = json.loads(next((replicas.stack.home / "exports").rglob("merged/manifest.json")).read_text())
+    for name, kind in (("model-f16.gguf", "F16"), ("model-q8_0.gguf", "Q8_0")):
+        reader = gguf.GGUFReader(root / name)
+        tensors = {t.name: t.tensor_type.name for t in reader.tensors}
+        assert len(tensors) == 21 and tensors["blk.1.attn_v.weight"] == kind, tensors
+        assert reader.fields["general.name"].contents() == replicas.model
+        assert reader.fields["tokenizer.chat_template"].contents() == manifest["chat_template"]
+        eos = reader.fields["tokenizer.ggml.eos_token_id"].contents()
+        assert reader.fields["tokenizer.ggml.tokens"].contents()[eos] == manifest["stop_tokens"][0]
+    lora = gguf.GGUFReader(root / "lora-f32.gguf")
+    assert lora.fields["adapter.type"].contents() == "lora" and len(lora.tensors) == 2 * 7 * 2
+    assert 'PARAMETER stop "<|eot_id|>"' in (root / "Modelfile").read_text()
+    print(f"gguf export (merged already cached): {elapsed:.1f}s")
 
 
 def test_trial_limit_and_delete_unloads_everywhere(replicas: Replicas) -> None:

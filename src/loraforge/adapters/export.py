@@ -1,4 +1,5 @@
-"""Export a fine-tuned model: the PEFT adapter or merged full weights, as a streamed tar (no torch).
+"""Export a fine-tuned model: the PEFT adapter, merged full weights or GGUF (``gguf_export.py``),
+as a streamed tar (no torch).
 
 PEFT export (``format=peft``)::
 
@@ -69,7 +70,16 @@ class AdapterExportError(ValueError):
     """The adapter cannot be exported (or served) as asked."""
 
 
-def _modules(config: dict[str, Any]) -> list[str]:
+class ExportRefusedError(AdapterExportError):
+    """The model cannot be written in the asked format (a 400, not a failure of the service)."""
+
+
+def lora_modules(config: dict[str, Any]) -> list[str]:
+    """The sorted module names (last path segment) a PEFT config targets.
+
+    Raises:
+        AdapterExportError: ``target_modules`` is a regular expression.
+    """
     targets = config.get("target_modules") or []
     if isinstance(targets, str):  # a regex: PEFT matches it against full module names
         raise AdapterExportError(f"target_modules is a regular expression ({targets!r}); list the modules.")
@@ -95,7 +105,7 @@ def serving_problems(config: dict[str, Any], target: ServingTarget) -> list[str]
             f"LoRA rank {rank} is greater than the serving target's max_lora_rank {target.max_lora_rank}"
         )
     try:
-        unsupported = [m for m in _modules(config) if not target.supports_module(m)]
+        unsupported = [m for m in lora_modules(config) if not target.supports_module(m)]
     except AdapterExportError as exc:
         unsupported, problems = [], [*problems, str(exc)]
     if unsupported:
@@ -133,7 +143,7 @@ def vllm_adapter_config(config: dict[str, Any], entry: BaseModelEntry) -> dict[s
         "r": int(config["r"]),
         "lora_alpha": config["lora_alpha"],
         "lora_dropout": float(config.get("lora_dropout") or 0.0),
-        "target_modules": _modules(config),
+        "target_modules": lora_modules(config),
         "bias": "none",
         "modules_to_save": None,
         "use_rslora": bool(config.get("use_rslora", False)),
@@ -295,12 +305,14 @@ def ensure_merged(
 
 __all__ = [
     "AdapterExportError",
+    "ExportRefusedError",
     "ExportableModel",
     "TarEntry",
     "archive_root",
     "drop_cached_exports",
     "ensure_merged",
     "export_archive",
+    "lora_modules",
     "merged_export",
     "peft_export",
     "serving_problems",
@@ -325,13 +337,13 @@ class ExportableModel(Protocol):
 def export_archive(
     settings: Settings, catalog: Catalog, model: ExportableModel, export_format: str
 ) -> tuple[str, list[TarEntry]]:
-    """The download name and files of an export of ``model`` (``peft`` or ``merged``).
+    """The download name and files of an export of ``model`` (``peft``, ``merged`` or ``gguf``).
 
     Args:
         settings: where exports are cached and how to run the merge subprocess.
         catalog: the model catalog (the base's entry).
         model: a fine-tuned or checkpoint model (already checked to belong to the caller).
-        export_format: ``peft`` or ``merged``.
+        export_format: ``peft``, ``merged`` or ``gguf`` (``adapters/gguf_export.py``).
 
     Raises:
         InvalidRequestError: the adapter cannot be exported in a vLLM-compatible form.
@@ -351,8 +363,15 @@ def export_archive(
         if export_format == "peft":
             return archive_root(model.name) + ".tar", peft_export(adapter_dir, manifest, entry, model.name)
         merged = _stored_merge(settings, model, adapter_dir)
+        if export_format == "gguf":
+            from loraforge.adapters import gguf_export
+
+            built = gguf_export.stored_gguf(settings, model, adapter_dir, merged)
+            return archive_root(model.name, "-gguf") + ".tar", gguf_export.gguf_entries(
+                built, entry, model.name
+            )
     except AdapterExportError as exc:
-        if export_format == "peft":
+        if export_format == "peft" or isinstance(exc, ExportRefusedError):
             raise InvalidRequestError(
                 f"`{model.name}` cannot be exported: {exc}", param="model", code="model_not_exportable"
             ) from exc

@@ -21,6 +21,7 @@ from loraforge.api.routes import (
     fine_tuning_jobs,
     models,
     operations,
+    organization,
     uploads,
     webhook_endpoints,
 )
@@ -104,7 +105,16 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
     app.add_middleware(RateLimitMiddleware)
 
     v1 = APIRouter(prefix="/v1")
-    for module in (files, uploads, fine_tuning_jobs, models, chat_completions, batches, webhook_endpoints):
+    for module in (
+        files,
+        uploads,
+        fine_tuning_jobs,
+        models,
+        chat_completions,
+        batches,
+        webhook_endpoints,
+        organization,
+    ):
         v1.include_router(module.router)
     app.include_router(v1)
 

@@ -47,12 +47,14 @@ def delete(model: Annotated[str, typer.Argument(help="Fine-tuned model id (ft:..
 @api_errors
 def export(
     model: Annotated[str, typer.Argument(help="Fine-tuned model (or checkpoint) id")],
-    fmt: Annotated[str, typer.Option("--format", help="peft (adapter) or merged (full weights)")] = "peft",
+    fmt: Annotated[
+        str, typer.Option("--format", help="peft (adapter), merged (full weights) or gguf (llama.cpp/Ollama)")
+    ] = "peft",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write the .tar")] = None,
 ) -> None:
     """Download MODEL as a tar with a progress bar; prints the path written."""
-    if fmt not in ("peft", "merged"):
-        raise typer.BadParameter("--format must be peft or merged")
+    if fmt not in ("peft", "merged", "gguf"):
+        raise typer.BadParameter("--format must be peft, merged or gguf")
     client = make_client()
     target = output or Path(re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_") + f"-{fmt}.tar")
     import openai

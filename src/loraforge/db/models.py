@@ -114,6 +114,26 @@ class Job(Base):
     # The memory plan chosen at creation (``loraforge.jobs.placement``): pool, strategy, GPUs,
     # token budget, checkpointing, estimated peak per component. None: created before plans.
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # OpenAI's ``integrations`` as sent (``[{"type": "wandb", "wandb": {...}}]``); None: none.
+    integrations: Mapped[list[Any] | None] = mapped_column(JSON, nullable=True)
+
+
+class OrgIntegration(Base):
+    """An organization's credentials for an outside service (``type``: ``wandb``), set through
+    ``/v1/organization/integrations/{type}`` or ``loraforge orgs wandb``. The key is stored
+    encrypted (``loraforge.crypto``) and only its last characters are ever shown."""
+
+    __tablename__ = "org_integrations"
+    __table_args__ = (UniqueConstraint("org_id", "type", name="uq_org_integration_type"),)
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    org_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    api_key_encrypted: Mapped[str] = mapped_column(Text)
+    api_key_hint: Mapped[str] = mapped_column(String(16))
+    # The W&B entity (team or user) runs go to when the job's integration names none.
+    entity: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    updated_at: Mapped[int] = mapped_column(Integer)
 
 
 class JobEvent(Base):

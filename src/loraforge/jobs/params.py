@@ -81,9 +81,29 @@ class Method(BaseModel):
     reinforcement: dict[str, Any] | None = None
 
 
+Name = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+
+
+class WandbIntegration(BaseModel):
+    """OpenAI's ``FineTuningIntegration.wandb``: where the job's W&B run goes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    project: Name
+    name: Name | None = None
+    entity: Name | None = None
+    tags: Annotated[
+        Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=64)]], Field(max_length=20)]
+        | None,
+        explained("a list of at most 20 tags of 1 to 64 characters"),
+    ] = None
+
+
 class Integration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     type: Literal["wandb"]
-    wandb: dict[str, Any]
+    wandb: WandbIntegration
 
 
 MetadataKey = Annotated[str, StringConstraints(max_length=64)]
@@ -109,7 +129,8 @@ class JobCreateParams(BaseModel):
         Annotated[dict[MetadataKey, MetadataValue], Field(max_length=16)] | None,
         explained("an object of at most 16 string keys (64 characters) and string values (512)"),
     ] = None
-    integrations: list[Integration] | None = None
+    # One W&B run per job; the org's key is set apart (``/v1/organization/integrations/wandb``).
+    integrations: Annotated[list[Integration], Field(max_length=1)] | None = None
     # loraforge extension: validate the files and estimate the run without creating a job.
     dry_run: bool | None = None
 

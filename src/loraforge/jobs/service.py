@@ -21,6 +21,7 @@ from loraforge.jobs.compat import servable_hyperparameters
 from loraforge.jobs.limits import check_hosted_model_limit
 from loraforge.jobs.params import JobCreateParams
 from loraforge.jobs.state import TERMINAL, JobStatus, add_event, transition
+from loraforge.org_integrations import WANDB, get_integration
 from loraforge.settings import Settings
 from loraforge.storage.blobs import BlobStore
 
@@ -79,6 +80,24 @@ def _check_method(params: JobCreateParams) -> None:
         )
 
 
+def _check_integrations(session: Session, org: Organization, params: JobCreateParams) -> list[Any] | None:
+    """The ``integrations`` to store, as sent; a W&B one needs the org's W&B key.
+
+    Raises:
+        InvalidRequestError: a W&B integration for an org that has not set its key.
+    """
+    if not params.integrations:
+        return None
+    if get_integration(session, org.id, WANDB) is None:
+        raise InvalidRequestError(
+            "The W&B integration needs the organization's W&B API key: set it with "
+            "POST /v1/organization/integrations/wandb (or `loraforge orgs wandb`).",
+            param="integrations",
+            code="wandb_not_configured",
+        )
+    return [integration.model_dump(exclude_unset=True) for integration in params.integrations]
+
+
 def _method_record(params: JobCreateParams, hyper: dict[str, Any]) -> dict[str, Any]:
     kind = params.method.type if params.method is not None else "supervised"
     return {"type": kind, kind: {"hyperparameters": hyper}}
@@ -108,6 +127,7 @@ def dry_run_job(
             session, org, params.validation_file, "validation_file", refuse_failed=False
         )
     hyper = servable_hyperparameters(catalog, base, params)
+    _check_integrations(session, org, params)
     entry = catalog.get(base)
     assert entry is not None
     plan = placement.plan_for(settings, entry, hyper)  # 400 if no worker pool can train it
@@ -165,6 +185,7 @@ def _store_job(
     assert entry is not None
     plan = placement.plan_for(settings, entry, hyper)  # 400 model_too_large_for_workers
     check_hosted_model_limit(session, org)  # 400 hosted_model_limit_reached past the plan's limit
+    integrations = _check_integrations(session, org, params)
     job = Job(
         id=new_id("ftjob-"),
         org_id=org.id,
@@ -182,6 +203,7 @@ def _store_job(
         created_at=now(),
         result_files=[],
         plan=plan.to_record(),
+        integrations=integrations,
     )
     session.add(job)
     session.flush()

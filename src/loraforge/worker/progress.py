@@ -29,6 +29,7 @@ from loraforge.ops.metrics import worker_metrics
 from loraforge.settings import Settings
 from loraforge.storage import checkpoint_key
 from loraforge.worker.store_sync import CheckpointMirror
+from loraforge.worker.wandb_run import open_for_job
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class RunProgress:
         self.error: ErrorEvent | None = None
         # Every checkpoint goes to the blob store, so the job can resume on any host.
         self.mirror = CheckpointMirror(settings, sessions, job_id, keep=keep_checkpoints)
+        # The job's W&B run, if it has the integration: fed every event, never waited for.
+        self.wandb = open_for_job(settings, sessions, job_id, settings.wandb_dir / job_id)
 
     def handle(self, event: TrainerEvent) -> None:
         """Apply one trainer event.
@@ -76,6 +79,8 @@ class RunProgress:
         Args:
             event: the event, as :func:`loraforge.contracts.trainer_events.parse_event` read it.
         """
+        if self.wandb is not None:
+            self.wandb.send(event)
         match event:
             case HyperparametersEvent():
                 self._on_hyperparameters(event)
@@ -93,8 +98,11 @@ class RunProgress:
                 self.error = event
 
     def close(self) -> None:
-        """The run is over: its throughput is no longer reported."""
+        """The run is over: its throughput is no longer reported, its W&B run finishes (in the
+        background: the job does not wait for W&B)."""
         worker_metrics().throughput(self.job_id, None)
+        if self.wandb is not None:
+            self.wandb.close()
 
     def _on_hyperparameters(self, event: HyperparametersEvent) -> None:
         self.total_steps = event.total_steps

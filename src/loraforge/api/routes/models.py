@@ -54,9 +54,10 @@ def export_model(
     session: SessionDep,
     org: OrgDep,
     model: str,
-    export_format: Annotated[Literal["peft", "merged"], Query(alias="format")] = "peft",
+    export_format: Annotated[Literal["peft", "merged", "gguf"], Query(alias="format")] = "peft",
 ) -> StreamingResponse:
-    """Download one of the caller's fine-tuned (or checkpoint) models as a tar: PEFT or merged weights."""
+    """Download one of the caller's fine-tuned (or checkpoint) models as a tar: PEFT, merged weights,
+    or GGUF (merged f16 and q8_0, the LoRA, an Ollama Modelfile)."""
     if services.catalog.get(model) is not None:
         raise InvalidRequestError(
             f"`{model}` is a base model; only fine-tuned models are exported.",

@@ -46,6 +46,7 @@ class FineTuningJob(IdentifiedObject):
     # loraforge extension: the memory plan chosen at creation (pool, strategy, GPUs, token
     # budget, activation checkpointing, estimated peak memory per component).
     plan: FineTuningJobPlan | None
+    # As sent at creation (OpenAI's ``FineTuningIntegration``); the org's W&B key is never here.
     integrations: list[dict[str, Any]] | None
     metadata: dict[str, str] | None
     method: FineTuneMethod
@@ -120,7 +121,7 @@ def job_public(job: Job, org: Organization) -> FineTuningJob:
         estimated_finish=job.estimated_finish,
         estimate=FineTuningJobEstimate.model_validate(estimate) if estimate is not None else None,
         plan=FineTuningJobPlan.model_validate(plan) if plan is not None else None,
-        integrations=None,
+        integrations=job.integrations,
         metadata=job.user_metadata,
         method=FineTuneMethod.model_validate(job.method),
         user_provided_suffix=job.suffix,

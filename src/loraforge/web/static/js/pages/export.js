@@ -1,4 +1,5 @@
-// Export a fine-tuned model as a tar: the PEFT adapter pair, or the adapter merged into the base.
+// Export a fine-tuned model as a tar: the PEFT adapter pair, the adapter merged into the base, or
+// GGUF files (merged f16 and q8_0, the LoRA, an Ollama Modelfile).
 import { useState } from "preact/hooks";
 import { ApiError, download, modelPath } from "../api.js";
 import { html, ErrorBox, Notice, ProgressBar, fmtBytes } from "../ui.js";
@@ -36,6 +37,7 @@ export function ExportButton({ model, compact = false }) {
       <select value=${format} onChange=${(e) => setFormat(e.target.value)} aria-label="export format">
         <option value="peft">PEFT adapter</option>
         <option value="merged">merged model</option>
+        <option value="gguf">GGUF (llama.cpp, Ollama)</option>
       </select>
       <button class="btn small" data-testid="export-download" disabled=${Boolean(progress)} onClick=${run}>
         ${progress ? "Exporting…" : "Download .tar"}

@@ -158,6 +158,8 @@ export function JobDetailPage({ id }) {
   const last = rows[rows.length - 1];
   const eta = job.estimated_finish ? job.estimated_finish - Date.now() / 1000 : null;
   const note = job.validation_file ? null : "no validation file";
+  // The job's W&B run, from the event the worker writes once the run has started.
+  const wandb = events.find((e) => e.data && "wandb_run_id" in e.data);
   return html`<section data-testid="job-detail" data-status=${job.status}>
     <div class="page-head">
       <div>
@@ -179,6 +181,13 @@ export function JobDetailPage({ id }) {
       <${MetricChart} title="Token accuracy" rows=${rows} keys=${["train_acc", "valid_acc"]} percent note=${note}
         testid="chart-accuracy" />
     </div>
+    ${wandb &&
+    html`<div class="card row-card" data-testid="wandb-run">
+      <span>Weights & Biases run</span>
+      ${wandb.data.wandb_run_url
+        ? html`<a href=${wandb.data.wandb_run_url} target="_blank" rel="noopener">${wandb.data.wandb_run_url}</a>`
+        : html`<span class="muted small">${wandb.data.wandb_run_id}, logged offline on the worker (wandb sync)</span>`}
+    </div>`}
     <div class="grid2">
       <div class="card"><h2>Details</h2><${Details} job=${job} /></div>
       <div class="card">
