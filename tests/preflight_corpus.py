@@ -503,8 +503,6 @@ def cases() -> list[Case]:
             "",
             "job",
             method="dpo",
-            job_code="unsupported_method",
-            job_param="method.type",
         ),
         # --- not errors: the job trains and says so ---
         Case(
