@@ -130,9 +130,14 @@ def pair_micro_batches(
     ]
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in fp32 at least (bf16 under autocast; an fp64 model keeps fp64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def _logps_chunk(lm_head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Target log-probabilities and argmax hits of one chunk of rows (recomputed in backward)."""
-    logits = lm_head(hidden).float()
+    logits = _upcast(lm_head(hidden))
     logps = torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
     return logps, logits.argmax(dim=-1) == targets
 
@@ -191,7 +196,7 @@ class SequenceLogps(nn.Module):
         if self.mode == "full":
             logits = self.model(**inputs).logits
             anchor = logits.sum() * 0.0
-            selected = logits.reshape(-1, logits.shape[-1]).index_select(0, rows).float()
+            selected = _upcast(logits.reshape(-1, logits.shape[-1]).index_select(0, rows))
             token_logps = (
                 torch.log_softmax(selected, dim=-1).gather(1, selected_targets.unsqueeze(1)).squeeze(1)
             )
@@ -221,9 +226,7 @@ class SequenceLogps(nn.Module):
                 if parts
                 else torch.zeros(0, dtype=torch.bool, device=rows.device)
             )
-        logps = torch.zeros(n_seqs, dtype=torch.float32, device=input_ids.device).index_add(
-            0, seqs, token_logps
-        )
+        logps = token_logps.new_zeros(n_seqs).index_add(0, seqs, token_logps)
         correct = torch.zeros(n_seqs, dtype=torch.long, device=input_ids.device).index_add(
             0, seqs, hits.long()
         )
