@@ -284,3 +284,71 @@ def test_dpo_spec_fields() -> None:
     assert dpo.fingerprint() != sft.fingerprint() and dpo.beta() == 0.2
     with pytest.raises(ValueError, match="dpo_beta"):
         TrainSpec.model_validate({**fields, "dpo_beta": 0.2})
+
+
+# ------------------------------------------------------------------------------------ a run
+
+
+def _dpo_spec(folder: Path, models_dir: Path) -> TrainSpec:
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = _write(folder / "pairs.jsonl", preference_examples(10))
+    return TrainSpec.model_validate(
+        {
+            "job_id": "ftjob-dpo",
+            "base_model": TINY,
+            "models_dir": str(models_dir),
+            "training_file": str(pairs),
+            "validation_file": str(pairs),
+            "output_dir": str(folder / "adapter"),
+            "hyperparameters": {"n_epochs": 2, "batch_size": 5, "learning_rate_multiplier": 0.1},
+            "method": "dpo",
+            "dpo_beta": 0.5,
+            "checkpoint_dir": str(folder / "ckpt"),
+            "pause_file": str(folder / "pause"),
+        }
+    )
+
+
+def _metrics(events: list) -> dict[int, dict]:  # type: ignore[type-arg]
+    return {e["step"]: e.metrics.model_dump() for e in events if e["type"] == "metrics"}
+
+
+@pytest.mark.slow  # two tiny DPO runs (4 steps each)
+def test_a_dpo_run_pauses_and_resumes_exactly(tmp_path: Path, models_dir: Path) -> None:
+    """The reference log-probs travel in the checkpoint: a resumed run takes the same steps (the
+    same losses and rewards, the same adapter) as an uninterrupted one, not steps against a
+    reference recomputed from weights that have moved."""
+    from safetensors.torch import load_file
+
+    from loraforge.trainer import train
+
+    whole: list = []  # type: ignore[type-arg]
+    ref_spec = _dpo_spec(tmp_path / "whole", models_dir)
+    train(ref_spec, whole.append)
+    hp = whole[0]
+    assert hp["beta"] == 0.5 and hp["total_steps"] == 4 and hp["n_examples"] == 10
+    final = _metrics(whole)[4]
+    assert final["train_rewards_accuracy"] == 1.0 and final["full_valid_rewards_accuracy"] == 1.0
+    assert final["train_rewards_margin"] == pytest.approx(
+        final["train_rewards_chosen"] - final["train_rewards_rejected"]
+    )
+    assert _metrics(whole)[1]["train_loss"] == pytest.approx(0.6931, abs=1e-3)  # policy == reference
+
+    spec = _dpo_spec(tmp_path / "paused", models_dir)
+    first: list = []  # type: ignore[type-arg]
+
+    def pause_after_step_1(event) -> None:  # type: ignore[no-untyped-def]
+        first.append(event)
+        if event["type"] == "metrics" and event["step"] == 1:
+            Path(str(spec.pause_file)).touch()
+
+    assert train(spec, pause_after_step_1) is None
+    assert first[-1]["type"] == "paused" and first[-1]["step"] == 1
+    Path(str(spec.pause_file)).unlink()
+    second: list = []  # type: ignore[type-arg]
+    train(spec, second.append)
+    assert second[1]["type"] == "resumed" and second[1]["step"] == 1
+    assert {**_metrics(first), **_metrics(second)} == _metrics(whole)
+    a = load_file(str(Path(spec.output_dir) / "adapter_model.safetensors"))
+    b = load_file(str(Path(ref_spec.output_dir) / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
