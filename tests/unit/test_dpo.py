@@ -352,3 +352,27 @@ def test_a_dpo_run_pauses_and_resumes_exactly(tmp_path: Path, models_dir: Path) 
     a = load_file(str(Path(spec.output_dir) / "adapter_model.safetensors"))
     b = load_file(str(Path(ref_spec.output_dir) / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_cli_jobs_create_takes_method_dpo_and_beta(
+    api: TestClient, make_key, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    from typer.testing import CliRunner
+
+    from loraforge.cli import app as cli_app
+    from loraforge.cli_client import jobs as cli_jobs
+
+    client = sdk(api, make_key("cli-prefs"))
+    monkeypatch.setattr(cli_jobs, "make_client", lambda: client)
+    f = client.files.create(
+        file=("p.jsonl", io.BytesIO(to_jsonl(preference_examples()))), purpose="fine-tune"
+    )
+    args = ["jobs", "create", "--model", TINY, "--file", f.id, "--method", "dpo", "--beta", "0.4"]
+    result = CliRunner().invoke(cli_app, args)
+    assert result.exit_code == 0, result.output
+    job = client.fine_tuning.jobs.retrieve(result.stdout.strip().splitlines()[-1])
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.4
+    refused = CliRunner().invoke(
+        cli_app, ["jobs", "create", "--model", TINY, "--file", f.id, "--beta", "0.4"]
+    )
+    assert refused.exit_code == 2
