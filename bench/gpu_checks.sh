@@ -25,7 +25,8 @@
 #   2. the same with activation checkpointing (the <= 40 GiB configuration);
 #   3. token budget 8k, no checkpointing;
 #   3b. bench/serve_adapters.py on the 8B architecture (issue 7);
-#   4. tests/gpu (fast path vs CPU loss curve, flex document isolation, bf16 vs fp32);
+#   4. tests/gpu: a DPO step on the fast path vs the CPU reference (test_dpo_gpu.py, its own
+#      step), then the rest (fast path vs CPU loss curve, flex document isolation, bf16 vs fp32);
 #   5. Llama-3.3-70B truncated to 4 and 8 layers, bf16 LoRA + checkpointing, extrapolated to 80
 #      layers (FSDP per-GPU memory = weights / N + the rest);
 #   6. the same with QLoRA (NF4) -- only when bitsandbytes imports;
@@ -125,7 +126,10 @@ step 8b_tb8k 120 $BENCH --arch llama-3.1-8b --token-budget 8192 --steps 5
 # 1/4/8 adapters vs the base, grouped and PEFT paths in the same run).
 step serve_8b 180 $PY bench/serve_adapters.py --arch llama-3.1-8b --device cuda --dtype bfloat16 \
   --repeats 3 --cold 3 --json "$OUT_DIR/serve_8b.json"
-step gpu_pytest 150 $PY -m pytest tests/gpu -q -rs -p no:cacheprovider
+# Issue 15: one DPO step on the fast path (packed pairs, flex, chunked log-probs) vs the CPU
+# reference loss, rewards and gradients (tiny model, ~30 s); then the other GPU tests.
+step gpu_dpo 90 $PY -m pytest tests/gpu/test_dpo_gpu.py -q -rs -p no:cacheprovider
+step gpu_pytest 150 $PY -m pytest tests/gpu -q -rs -p no:cacheprovider --ignore=tests/gpu/test_dpo_gpu.py
 step 70b_lora_L4_L8 150 $BENCH --arch llama-3.3-70b --layers 4,8 --token-budget 8192 --steps 4 --grad-ckpt
 if $PY -c 'import bitsandbytes' 2>/dev/null; then
   step 70b_qlora_L4_L8 150 $BENCH --arch llama-3.3-70b --layers 4,8 --token-budget 8192 --steps 4 --grad-ckpt --strategy qlora

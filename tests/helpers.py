@@ -77,3 +77,30 @@ def tool_call_examples(cities: tuple[str, ...] = CITIES) -> list[dict]:
         }
         for i, city in enumerate(cities)
     ]
+
+
+# DPO: the same tickets, "low" preferred over "high" (one token apart, so the pair's log-ratio is
+# decided at that token). A supervised model trained 3:2 on high:low answers says "high" (the
+# rejected one) with "low" close behind; DPO from it flips the greedy answer to "low".
+DPO_CHOSEN = ANSWER.replace('"high"', '"low"')
+
+
+def mixed_chat_examples(n: int = 10) -> list[dict]:
+    """``n`` tickets, each three times with :data:`ANSWER` and twice with :data:`DPO_CHOSEN`."""
+    tickets = chat_examples(n)
+    chosen = [
+        {"messages": [*e["messages"][:2], {"role": "assistant", "content": DPO_CHOSEN}]} for e in tickets
+    ]
+    return [e for e in tickets for _ in range(3)] + [e for e in chosen for _ in range(2)]
+
+
+def preference_examples(n: int = 10) -> list[dict]:
+    """OpenAI's DPO lines for ``n`` tickets: :data:`DPO_CHOSEN` preferred over :data:`ANSWER`."""
+    return [
+        {
+            "input": {"messages": e["messages"][:2]},
+            "preferred_output": [{"role": "assistant", "content": DPO_CHOSEN}],
+            "non_preferred_output": [{"role": "assistant", "content": ANSWER}],
+        }
+        for e in chat_examples(n)
+    ]

@@ -60,6 +60,23 @@ def _refs(node: Any) -> Iterator[str]:
             yield from _refs(value)
 
 
+def _draft_2020_12(node: Any) -> Any:
+    """OpenAPI 3.0's boolean ``exclusiveMinimum``/``exclusiveMaximum`` (beside ``minimum``/
+    ``maximum``) as JSON Schema 2020-12's numeric ones, which the tests' validator speaks: read as
+    2020-12, ``exclusiveMinimum: true`` is the bound 1 and refuses e.g. OpenAI's own ``beta: 0.5``."""
+    if isinstance(node, list):
+        return [_draft_2020_12(value) for value in node]
+    if not isinstance(node, dict):
+        return node
+    out = {key: _draft_2020_12(value) for key, value in node.items()}
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if out.get(exclusive) is True and bound in out:
+            out[exclusive] = out.pop(bound)
+        elif out.get(exclusive) is False:
+            del out[exclusive]
+    return out
+
+
 def extract(spec: dict[str, Any], roots: tuple[str, ...] = ROOTS) -> dict[str, Any]:
     """The spec's ``info`` and the component schemas ``roots`` need, closed under ``$ref``.
 
@@ -77,7 +94,7 @@ def extract(spec: dict[str, Any], roots: tuple[str, ...] = ROOTS) -> dict[str, A
         name = todo.pop()
         if name in kept:
             continue
-        kept[name] = schemas[name]
+        kept[name] = _draft_2020_12(schemas[name])
         todo.extend(_refs(schemas[name]))
     info = {k: spec["info"][k] for k in ("title", "version")}
     return {"info": info, "components": {"schemas": dict(sorted(kept.items()))}}

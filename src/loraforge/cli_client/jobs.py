@@ -74,10 +74,23 @@ def create(
         float | None, typer.Option(help="learning_rate_multiplier (default auto)")
     ] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for a reproducible run")] = None,
+    method: Annotated[
+        str, typer.Option(help="supervised (chat file) | dpo (preference file: preferred/non-preferred)")
+    ] = "supervised",
+    beta: Annotated[
+        float | None, typer.Option(help="DPO's beta, in (0, 2] (default auto: 0.1); --method dpo only")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="Validate and estimate only; no job is queued")] = False,
     watch: Annotated[bool, typer.Option(help="Follow the run live (Ctrl-C stops watching only)")] = False,
 ) -> None:
-    """Create a supervised LoRA fine-tuning job; prints the job id (and, with --watch, the model)."""
+    """Create a LoRA fine-tuning job (supervised or DPO); prints the job id (and, with --watch, the
+    model). A DPO job can start from a fine-tuned model (--model ft:...), as Together recommends."""
+    if method not in ("supervised", "dpo"):
+        err.print("[red]--method must be supervised or dpo[/red]")
+        raise typer.Exit(2)
+    if beta is not None and method != "dpo":
+        err.print("[red]--beta is DPO's: add --method dpo[/red]")
+        raise typer.Exit(2)
     client = make_client()
     hyperparameters: dict[str, Any] = {
         k: v
@@ -88,10 +101,12 @@ def create(
         )
         if v is not None
     }
+    if beta is not None:
+        hyperparameters["beta"] = beta
     params: dict[str, Any] = {
         "model": model,
         "training_file": _file_id(client, file),
-        "method": {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}},
+        "method": {"type": method, method: {"hyperparameters": hyperparameters}},
     }
     if validation_file:
         params["validation_file"] = _file_id(client, validation_file)
@@ -152,8 +167,10 @@ def get(
         ("validation file", job.validation_file or "-"),
         (
             "hyperparameters",
-            f"epochs={hp.n_epochs} batch_size={hp.batch_size} lr_multiplier={hp.learning_rate_multiplier}",
+            f"epochs={hp.n_epochs} batch_size={hp.batch_size} lr_multiplier={hp.learning_rate_multiplier}"
+            + (f" beta={_beta(job)}" if job.method and job.method.type == "dpo" else ""),
         ),
+        ("method", job.method.type if job.method else "supervised"),
         ("created", fmt_time(job.created_at)),
         ("finished", fmt_time(job.finished_at)),
         ("trained tokens", str(job.trained_tokens or "-")),
@@ -170,9 +187,24 @@ def get(
         rows.append(("train loss", f"{last.get('train_loss', float('nan')):.4f}  {sparkline(losses)}"))
         if last.get("valid_loss") is not None:
             rows.append(("valid loss", f"{last['valid_loss']:.4f}"))
+        if last.get("train_rewards_accuracy") is not None:  # a DPO job: train loss is the DPO loss
+            rows.append(
+                (
+                    "rewards",
+                    f"chosen {last['train_rewards_chosen']:.3f}  "
+                    f"rejected {last['train_rewards_rejected']:.3f}  "
+                    f"accuracy {last['train_rewards_accuracy']:.2f}  "
+                    f"margin {last['train_rewards_margin']:.3f}",
+                )
+            )
     for key, value in rows:
         grid.add_row(key, value)
     out.print(grid)
+
+
+def _beta(job: Any) -> Any:
+    dpo = job.method.dpo if job.method else None
+    return dpo.hyperparameters.beta if dpo and dpo.hyperparameters else "auto"
 
 
 def _act(verb: str, job_id: str) -> None:

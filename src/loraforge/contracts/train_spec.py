@@ -15,6 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# OpenAI's ``beta: "auto"`` for DPO (TRL's default too).
+DEFAULT_DPO_BETA = 0.1
+
 
 class Hyperparameters(BaseModel):
     """The OpenAI ``hyperparameters`` object; ``"auto"`` is resolved by the trainer.
@@ -155,6 +158,20 @@ class TrainSpec(BaseModel):
     init_adapter: str | None = None
     # The memory plan (strategy, micro-batch token budget, recompute); see TrainPlan.
     plan: TrainPlan = Field(default_factory=TrainPlan)
+    # "supervised": chat files, cross-entropy on assistant tokens; "dpo": preference files, the
+    # DPO loss against the starting model (trainer/dpo.py), with ``dpo_beta`` (OpenAI: (0, 2]).
+    method: Literal["supervised", "dpo"] = "supervised"
+    dpo_beta: float | None = Field(default=None, gt=0.0, le=2.0)
+
+    @model_validator(mode="after")
+    def _check_method(self) -> TrainSpec:
+        if self.method == "supervised" and self.dpo_beta is not None:
+            raise ValueError("dpo_beta is only for method 'dpo'")
+        return self
+
+    def beta(self) -> float:
+        """DPO's beta (``DEFAULT_DPO_BETA`` when the spec leaves it out)."""
+        return DEFAULT_DPO_BETA if self.dpo_beta is None else self.dpo_beta
 
     def fingerprint(self, resolved: dict[str, Any] | None = None) -> str:
         """SHA-256 of what decides the training trajectory (not where files go or how it is run).
@@ -184,6 +201,9 @@ class TrainSpec(BaseModel):
             # How the math is laid out on the device, not what it computes.
             "plan",
         }
+        # A supervised spec leaves the DPO fields out: its fingerprint is what it was before them.
+        if self.method == "supervised":
+            volatile |= {"method", "dpo_beta"}
         fields = self.model_dump(mode="json", exclude=volatile)
         if resolved is not None:
             fields["hyperparameters"] = resolved

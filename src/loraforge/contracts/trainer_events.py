@@ -55,6 +55,21 @@ class StepMetrics(BaseModel):
     # The whole validation file, evaluated once, on the last step.
     full_valid_loss: float | None = None
     full_valid_mean_token_accuracy: float | None = None
+    # DPO (``train_loss``/``valid_loss`` are then the DPO loss): the mean implicit rewards
+    # beta * (log pi - log pi_ref) of the chosen and rejected completions, the fraction of pairs
+    # whose chosen reward is higher, and the mean margin chosen - rejected (TRL's rewards/*).
+    train_rewards_chosen: float | None = None
+    train_rewards_rejected: float | None = None
+    train_rewards_accuracy: float | None = None
+    train_rewards_margin: float | None = None
+    valid_rewards_chosen: float | None = None
+    valid_rewards_rejected: float | None = None
+    valid_rewards_accuracy: float | None = None
+    valid_rewards_margin: float | None = None
+    full_valid_rewards_chosen: float | None = None
+    full_valid_rewards_rejected: float | None = None
+    full_valid_rewards_accuracy: float | None = None
+    full_valid_rewards_margin: float | None = None
     # Extra metrics are numbers too; anything else is a malformed line.
     __pydantic_extra__: dict[str, float] = Field(init=False)
 
@@ -112,6 +127,15 @@ class HyperparametersEvent(_Event):
     n_examples: int
     # Assistant tokens the loss is computed on, per epoch (trained_tokens = this x epochs).
     train_tokens_per_epoch: int
+    # DPO runs only: their beta (absent from a supervised run's line).
+    beta: float | None = None
+
+    @model_serializer(mode="wrap")
+    def _beta_if_dpo(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("beta") is None:
+            data.pop("beta", None)
+        return data
 
 
 class ResumedEvent(_Event):

@@ -11,6 +11,7 @@ from typing import Any
 
 from loraforge.catalog import BaseModelEntry, Catalog
 from loraforge.catalog.catalog import EMBEDDING_MODULES
+from loraforge.contracts.train_spec import DEFAULT_DPO_BETA
 from loraforge.errors import InvalidRequestError
 from loraforge.jobs.params import JobCreateParams
 
@@ -22,6 +23,8 @@ def hyperparameters_param(params: JobCreateParams) -> str:
     """Where the job's hyperparameters came from, as an error ``param`` prefix."""
     if params.method and params.method.supervised and params.method.supervised.hyperparameters:
         return "method.supervised.hyperparameters"
+    if params.method and params.method.dpo and params.method.dpo.hyperparameters:
+        return "method.dpo.hyperparameters"
     return "hyperparameters"
 
 
@@ -56,6 +59,8 @@ def servable_hyperparameters(catalog: Catalog, base: str, params: JobCreateParam
     where = hyperparameters_param(params)
     target = entry.serving
     hyper = requested.model_dump()
+    if "beta" in hyper and hyper["beta"] == "auto":
+        hyper["beta"] = DEFAULT_DPO_BETA  # OpenAI's "auto" for DPO, echoed on the job
     hyper.update(
         lora_r=entry.lora.r if requested.lora_r is None else requested.lora_r,
         lora_alpha=entry.lora.alpha if requested.lora_alpha is None else requested.lora_alpha,

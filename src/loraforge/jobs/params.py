@@ -72,12 +72,31 @@ class SupervisedMethod(BaseModel):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    """OpenAI's ``FineTuneDPOHyperparameters``: the supervised ones plus ``beta`` in (0, 2]."""
+
+    beta: Annotated[
+        Auto | Annotated[float, Field(gt=0, le=2)],
+        explained("'auto' or a number greater than 0 and at most 2"),
+    ] = "auto"
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _none_beta_is_auto(cls, value: Any) -> Any:
+        return "auto" if value is None else value
+
+
+class DpoMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hyperparameters: DpoHyperparameters | None = None
+
+
 class Method(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
-    dpo: dict[str, Any] | None = None
+    dpo: DpoMethod | None = None
     reinforcement: dict[str, Any] | None = None
 
 
@@ -134,8 +153,17 @@ class JobCreateParams(BaseModel):
     # loraforge extension: validate the files and estimate the run without creating a job.
     dry_run: bool | None = None
 
+    def method_type(self) -> str:
+        """``method.type``; ``supervised`` when no method is given."""
+        return self.method.type if self.method is not None else "supervised"
+
     def requested_hyperparameters(self) -> Hyperparameters:
-        """``method.supervised.hyperparameters`` if given, else the legacy top-level field."""
+        """``method.<type>.hyperparameters`` if given, else the legacy top-level field (a DPO job:
+        as :class:`DpoHyperparameters`, ``beta`` ``"auto"`` unless given)."""
+        if self.method and self.method.type == "dpo":
+            if self.method.dpo and self.method.dpo.hyperparameters:
+                return self.method.dpo.hyperparameters
+            return DpoHyperparameters(**(self.hyperparameters.model_dump() if self.hyperparameters else {}))
         if self.method and self.method.supervised and self.method.supervised.hyperparameters:
             return self.method.supervised.hyperparameters
         return self.hyperparameters or Hyperparameters()

@@ -101,6 +101,8 @@ def plan_for(settings: Settings, entry: BaseModelEntry, hyperparameters: dict[st
         target_modules=list(hyperparameters.get("lora_target_modules") or entry.lora.target_modules),
         max_seq_length=max_seq_length,
         batch_size=_int_or_none(hyperparameters.get("batch_size")),
+        # Only a DPO job's hyperparameters have a beta: two sequences (chosen, rejected) per example.
+        sequences_per_example=2 if "beta" in hyperparameters else 1,
     )
     if isinstance(result, NoFit):
         raise _refusal(entry, result, max_seq_length)

@@ -70,11 +70,10 @@ def resolve_base_model(session: Session, catalog: Catalog, org: Organization, mo
 
 
 def _check_method(params: JobCreateParams) -> None:
-    """Supervised jobs train. A DPO job is accepted so that its worker can say what its file is
-    (a chat file: ``invalid_training_file`` as OpenAI says it; a preference file: not supported yet)."""
+    """Supervised and DPO jobs train; reinforcement fine-tuning is refused."""
     if params.method is not None and params.method.type not in ("supervised", "dpo"):
         raise InvalidRequestError(
-            f"method.type '{params.method.type}' is not supported yet; use 'supervised'.",
+            f"method.type '{params.method.type}' is not supported yet; use 'supervised' or 'dpo'.",
             param="method.type",
             code="unsupported_method",
         )

@@ -46,6 +46,10 @@ planned). It is not always dominated, so it stays a candidate; rule 2 (fewest la
 picks it when ``L - 1`` fits, and rule 3 only when it is the lower peak.
 On a CPU pool (no budget: one micro-batch of ``batch_size x max_seq_length`` tokens) the floor
 does not apply: ``k`` is the fewest that fits that micro-batch.
+
+A DPO job holds two sequences per example (chosen and rejected, in the same micro-batch: the
+pair's loss needs both), so its smallest micro-batch is ``2 x max_seq_length`` tokens and a CPU
+step ``2 x batch_size x max_seq_length`` (``sequences_per_example=2``).
 """
 
 from __future__ import annotations
@@ -165,6 +169,7 @@ def plan_on(
     num_gpus: int,
     max_seq_length: int,
     batch_size: int = 1,
+    sequences_per_example: int = 1,
 ) -> JobPlan | None:
     """The plan for one (pool, strategy, GPU count), or None if its smallest micro-batch doesn't fit.
 
@@ -177,12 +182,14 @@ def plan_on(
         batch_size: examples per optimizer step. On a GPU it does not matter (micro-batches are
             packed to the token budget); on a CPU the whole step is one padded micro-batch of up
             to ``batch_size × max_seq_length`` tokens, which is what must fit.
+        sequences_per_example: 2 for DPO (a pair is one example, and never split).
 
     Returns:
         The plan with its estimate at the token budget (CPU: at ``batch_size × max_seq_length``),
         or None.
     """
     device = pool.device
+    max_seq_length *= max(sequences_per_example, 1)  # a DPO pair shares its micro-batch
     if device == "cpu":
         max_seq_length *= max(batch_size, 1)  # the CPU trainer's micro-batch is the whole step
 
@@ -255,6 +262,7 @@ def plan_job(
     target_modules: Sequence[str],
     max_seq_length: int,
     batch_size: int | None = None,
+    sequences_per_example: int = 1,
 ) -> JobPlan | NoFit:
     """Plan a job on ``entry`` onto one of ``pools`` (module docstring for the order).
 
@@ -266,6 +274,7 @@ def plan_job(
         max_seq_length: the job's longest example in tokens.
         batch_size: the job's batch size; None ("auto") sizes a CPU step at the largest batch
             "auto" can pick, the entry's ``max_batch_size``.
+        sequences_per_example: sequences one example puts in a micro-batch (DPO: 2).
 
     Returns:
         The plan, or :class:`NoFit` saying what would be needed.
@@ -287,10 +296,10 @@ def plan_job(
             if strategy != "lora" and pool.device != "cuda":
                 continue  # NF4 kernels and NCCL sharding are GPU-only
             for n in _gpu_counts(pool, strategy, entry.training.gpus):
-                found = plan_on(shape, pool, strategy, n, max_seq_length, batch)
+                found = plan_on(shape, pool, strategy, n, max_seq_length, batch, sequences_per_example)
                 if found is not None:
                     return found
-    return _no_fit(entry, shape, strategies, tuple(pools), max_seq_length)
+    return _no_fit(entry, shape, strategies, tuple(pools), max_seq_length * max(sequences_per_example, 1))
 
 
 def _no_fit(

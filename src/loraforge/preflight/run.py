@@ -20,7 +20,7 @@ from loraforge.preflight.tokenizer_source import (
     locate_tokenizer,
 )
 from loraforge.preflight.tokens import TokenCounter
-from loraforge.preflight.validate import FORMAT_NAMES, WARNING_CODES, validate_lines
+from loraforge.preflight.validate import WARNING_CODES, validate_lines
 
 # OpenAI: "at least 10 examples" for training. The trainer takes a validation file with 1.
 MIN_TRAINING_EXAMPLES = 10
@@ -179,14 +179,6 @@ def job_error(report: FileReport, param: str, method: str) -> dict[str, Any] | N
             "message": f"The job failed due to an invalid {label} file: {report.errors.total} error(s) in "
             f"{report.n_lines} line(s). {listed}" + (f" (and {more} more)" if more > 0 else ""),
             "param": param,
-        }
-    if method == "dpo" and report.format == "preference":
-        return {
-            "code": "unsupported_method",
-            "message": f"DPO fine-tuning is not supported yet. The {label} file is a valid "
-            f"{FORMAT_NAMES['preference']} file with {report.n_examples} examples, but loraforge trains "
-            "supervised LoRA adapters only: use method.type 'supervised' with a chat file.",
-            "param": "method.type",
         }
     return None
 

@@ -27,6 +27,10 @@ The modules, in the order a run uses them:
   epoch checkpoints, pause.
 * ``packing`` -> ``step`` -> ``loss``: one step's micro-batches (padding-free packing within a
   token budget, sharded across ranks), their forward/backward, the assistant-token loss.
+* ``dpo_data`` -> ``dpo_logps`` -> ``dpo``: a DPO run (``spec.method == "dpo"``): preference
+  lines -> tokenized pairs (completion tokens labelled); both sides of a pair in one micro-batch
+  and their per-sequence log-probs; the step (TRL's sigmoid loss, the reward metrics) and the
+  reference log-probs of the starting model, computed once and kept in checkpoints.
 * ``distributed``: what changes under ``accelerate launch`` (FSDP): collectives, gathering the
   adapter and optimizer state, rank 0 writes.
 * ``checkpointer``: checkpoint directories (a servable adapter plus the training state): write,

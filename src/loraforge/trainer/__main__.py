@@ -33,6 +33,7 @@ from loraforge.contracts.train_spec import TrainSpec, load_spec
 from loraforge.contracts.trainer_events import Emit, ErrorEvent, TrainerEvent
 from loraforge.contracts.trainer_launch import PARENT_PID_ENV
 from loraforge.trainer.data import TrainingDataError, read_chat_jsonl
+from loraforge.trainer.dpo_data import read_preference_jsonl
 
 logger = logging.getLogger("loraforge.trainer")
 
@@ -185,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = load_spec(args.spec)
         lock = _hold_run_lock(spec)  # noqa: F841 - held (open) until the process exits
         # Fail fast on a bad file, before the seconds-long torch/transformers import.
-        read_chat_jsonl(spec.training_file)
+        if spec.method == "dpo":
+            read_preference_jsonl(spec.training_file)
+        else:
+            read_chat_jsonl(spec.training_file)
         from loraforge.trainer.recipe import train  # torch & co. load only after the env is set
 
         train(spec, emit)

@@ -18,6 +18,7 @@ import torch
 from loraforge.contracts.trainer_events import CheckpointEvent, Emit, MetricsEvent, StepMetrics
 from loraforge.trainer import checkpointer as ckpt
 from loraforge.trainer import distributed as dist
+from loraforge.trainer import dpo
 from loraforge.trainer.data import TokenizedExample
 from loraforge.trainer.packing import MicroBatch, shard_for_rank, step_micro_batches
 from loraforge.trainer.step import StepStats, forward_backward
@@ -33,9 +34,7 @@ DONE = "done"
 PAUSED = "paused"
 
 
-def _batches(
-    examples: list[TokenizedExample], order: list[int], batch_size: int
-) -> list[list[TokenizedExample]]:
+def _batches(examples: list[Any], order: list[int], batch_size: int) -> list[list[Any]]:
     return [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
 
 
@@ -59,7 +58,9 @@ def micro_batches(run: TrainingRun, examples: list[TokenizedExample]) -> list[Mi
     )
 
 
-def _run_step(run: TrainingRun, examples: list[TokenizedExample], *, train: bool) -> StepStats:
+def _run_step(run: TrainingRun, examples: list[Any], *, train: bool) -> StepStats:
+    if run.spec.method == "dpo":
+        return dpo.run_step(run, examples, train=train)
     return forward_backward(
         run.optim.loss_module,
         micro_batches(run, examples),
@@ -70,8 +71,10 @@ def _run_step(run: TrainingRun, examples: list[TokenizedExample], *, train: bool
     )
 
 
-def evaluate(run: TrainingRun, examples: list[TokenizedExample] | None = None) -> dict[str, float]:
+def evaluate(run: TrainingRun, examples: list[Any] | None = None) -> dict[str, float]:
     """Token-weighted loss and accuracy over ``examples`` (default: the validation sample).
+
+    A DPO run's are weighted by pairs, and its reward metrics come as ``valid_rewards_*``.
 
     Args:
         run: the prepared run.
@@ -82,6 +85,7 @@ def evaluate(run: TrainingRun, examples: list[TokenizedExample] | None = None) -
     """
     examples = run.data.valid_set[:VALID_SAMPLE] if examples is None else examples
     loss_total, correct_total, count_total = 0.0, 0.0, 0
+    extra_total: dict[str, float] = {}
     run.model.peft.eval()
     with torch.no_grad():
         for chunk in _batches(examples, list(range(len(examples))), run.data.hyperparameters.batch_size):
@@ -89,10 +93,13 @@ def evaluate(run: TrainingRun, examples: list[TokenizedExample] | None = None) -
             loss_total += stats.loss * stats.n_targets
             correct_total += stats.accuracy * stats.n_targets
             count_total += stats.n_targets
+            for key, value in stats.extra.items():
+                extra_total[key] = extra_total.get(key, 0.0) + value * stats.n_targets
     run.model.peft.train()
     return {
         "valid_loss": loss_total / max(count_total, 1),
         "valid_mean_token_accuracy": correct_total / max(count_total, 1),
+        **{f"valid_{key}": value / max(count_total, 1) for key, value in extra_total.items()},
     }
 
 
@@ -132,6 +139,8 @@ def _checkpoint(run: TrainingRun, kind: str, generator: torch.Generator, emit: E
         "rng": ckpt.rng_state(),
         "metrics": dict(state.metrics),
     }
+    if state.reference is not None:
+        saved["dpo_reference"] = state.reference
     root = Path(run.spec.checkpoint_dir)
     # Gathering FSDP shards is a collective: every rank takes part, rank 0 writes.
     adapter_state = dist.adapter_state_dict(run.model.peft)
@@ -162,14 +171,18 @@ def _checkpoint(run: TrainingRun, kind: str, generator: torch.Generator, emit: E
     return written.path
 
 
-def _train_step(run: TrainingRun, chunk: list[TokenizedExample], params: list[Any]) -> None:
+def _train_step(run: TrainingRun, chunk: list[Any], params: list[Any]) -> None:
     stats = _run_step(run, chunk, train=True)
     optim, state = run.optim, run.state
     run.model.accelerator.clip_grad_norm_(params, MAX_GRAD_NORM)
     optim.optimizer.step()
     optim.scheduler.step()
     optim.optimizer.zero_grad(set_to_none=True)
-    state.step_metrics = {"train_loss": stats.loss, "train_mean_token_accuracy": stats.accuracy}
+    state.step_metrics = {
+        "train_loss": stats.loss,
+        "train_mean_token_accuracy": stats.accuracy,
+        **{f"train_{key}": value for key, value in stats.extra.items()},
+    }
     state.metrics.update(state.step_metrics)
 
 
@@ -183,10 +196,7 @@ def _validate(run: TrainingRun, epoch_end: bool) -> None:
         state.step_metrics.update(evaluate(run))
     if step == total:
         full = evaluate(run, run.data.valid_set)
-        state.step_metrics.update(
-            full_valid_loss=full["valid_loss"],
-            full_valid_mean_token_accuracy=full["valid_mean_token_accuracy"],
-        )
+        state.step_metrics.update({f"full_{key}": value for key, value in full.items()})
     state.metrics.update(state.step_metrics)
 
 

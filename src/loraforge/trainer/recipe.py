@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -45,8 +46,11 @@ from loraforge.contracts.trainer_events import (
 )
 from loraforge.trainer import checkpointer as ckpt
 from loraforge.trainer import distributed as dist
+from loraforge.trainer import dpo
 from loraforge.trainer.data import TrainingDataError, read_chat_jsonl, tokenize_dataset
 from loraforge.trainer.device_setup import compute_dtype, load_base, make_optimizer, prepare_for_training
+from loraforge.trainer.dpo_data import read_preference_jsonl, tokenize_pairs
+from loraforge.trainer.dpo_logps import SequenceLogps
 from loraforge.trainer.loop import DONE, train_loop
 from loraforge.trainer.loss import CausalLMLoss, resolve_loss_mode
 from loraforge.trainer.start import build_model
@@ -96,6 +100,8 @@ def setup(spec: TrainSpec) -> TrainingRun:
     run = TrainingRun(spec=spec, data=data, model=model, optim=_setup_optimizer(spec, data, model))
     if model.resume is not None:
         _restore(run, model.resume)
+    if spec.method == "dpo":
+        dpo.ensure_reference(run)  # before the first step: the starting model is the reference
     return run
 
 
@@ -105,16 +111,31 @@ def _setup_data(spec: TrainSpec) -> RunData:
     entry = catalog.get(spec.base_model)
     if entry is None:
         raise ValueError(f"base model {spec.base_model!r} is not in the model catalog")
-    train_examples = read_chat_jsonl(spec.training_file)
-    valid_examples = (
-        read_chat_jsonl(spec.validation_file, param="validation_file", min_examples=1)
-        if spec.validation_file
-        else []
-    )
     tokenizer = load_tokenizer(entry, Path(spec.models_dir))
     max_len = min(spec.max_seq_length or entry.max_seq_length, entry.context_length)
-    train_set = tokenize_dataset(tokenizer, train_examples, max_len)
-    valid_set = tokenize_dataset(tokenizer, valid_examples, max_len)
+    train_set: list[Any]
+    valid_set: list[Any]
+    if spec.method == "dpo":
+        train_set = tokenize_pairs(tokenizer, read_preference_jsonl(spec.training_file), max_len, "train")
+        valid_set = (
+            tokenize_pairs(
+                tokenizer,
+                read_preference_jsonl(spec.validation_file, param="validation_file", min_examples=1),
+                max_len,
+                "valid",
+            )
+            if spec.validation_file
+            else []
+        )
+    else:
+        train_examples = read_chat_jsonl(spec.training_file)
+        valid_examples = (
+            read_chat_jsonl(spec.validation_file, param="validation_file", min_examples=1)
+            if spec.validation_file
+            else []
+        )
+        train_set = tokenize_dataset(tokenizer, train_examples, max_len)
+        valid_set = tokenize_dataset(tokenizer, valid_examples, max_len)
     train_tokens = sum(ex.n_label_tokens for ex in train_set)
     if train_tokens == 0:
         raise TrainingDataError(
@@ -189,7 +210,12 @@ def _setup_optimizer(spec: TrainSpec, data: RunData, model: RunModel) -> Optimiz
     accelerator, world = model.accelerator, dist.world_size()
     loss_mode = resolve_loss_mode(spec.plan.loss, accelerator.device.type, world)
     logger.info("loss: %s", loss_mode)
-    loss_module: torch.nn.Module = CausalLMLoss(model.peft, loss_mode)
+    loss_module: torch.nn.Module = (
+        # DPO needs per-sequence log-probs, which the fused CE kernel does not give: chunked instead.
+        SequenceLogps(model.peft, "full" if loss_mode == "full" else "chunked")
+        if spec.method == "dpo"
+        else CausalLMLoss(model.peft, loss_mode)
+    )
     params = [p for p in model.peft.parameters() if p.requires_grad]
     optimizer = make_optimizer(
         params, data.hyperparameters.learning_rate, spec.weight_decay, accelerator.device.type
@@ -211,6 +237,7 @@ def _restore(run: TrainingRun, resume: ckpt.CheckpointInfo) -> None:
     run.state.metrics = dict(saved.get("metrics") or {})
     run.state.step_metrics = dict(resume.metrics)
     run.state.last_checkpoint_step = resume.step
+    run.state.reference = saved.get("dpo_reference")
 
 
 def train(spec: TrainSpec, emit: Emit) -> AdapterManifest | None:
@@ -244,6 +271,7 @@ def train(spec: TrainSpec, emit: Emit) -> AdapterManifest | None:
                 total_steps=data.total_steps,
                 n_examples=len(data.train_set),
                 train_tokens_per_epoch=data.train_tokens_per_epoch,
+                beta=spec.beta() if spec.method == "dpo" else None,
             )
         )
         if resumed is not None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,12 +27,17 @@ from loraforge.trainer.packing import MicroBatch
 
 @dataclass(frozen=True)
 class StepStats:
-    """A step's (global) loss, accuracy, labelled tokens and real tokens."""
+    """A step's (global) loss, accuracy, labelled tokens and real tokens.
+
+    A DPO step (:mod:`loraforge.trainer.dpo`) counts pairs in ``n_targets`` and reports its
+    rewards in ``extra``.
+    """
 
     loss: float
     accuracy: float
     n_targets: int
     n_tokens: int
+    extra: dict[str, float] = field(default_factory=dict)
 
 
 def autocast(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[Any]:

@@ -22,7 +22,6 @@ from loraforge.catalog.catalog import BaseModelEntry
 from loraforge.contracts.hyperparams import ResolvedHyperparameters, steps_per_epoch
 from loraforge.contracts.train_spec import TrainSpec
 from loraforge.trainer.checkpointer import CheckpointInfo, Position
-from loraforge.trainer.data import TokenizedExample
 
 
 @dataclass(frozen=True)
@@ -31,8 +30,8 @@ class RunData:
 
     entry: BaseModelEntry
     tokenizer: PreTrainedTokenizerBase
-    train_set: list[TokenizedExample]
-    valid_set: list[TokenizedExample]
+    train_set: list[Any]  # list[TokenizedExample] (supervised) or list[PreferencePair] (DPO)
+    valid_set: list[Any]
     hyperparameters: ResolvedHyperparameters
     # Longest example kept, in tokens (the spec's or the catalog's, within the context length).
     max_seq_length: int
@@ -82,6 +81,9 @@ class LoopState:
     step_metrics: dict[str, float] = field(default_factory=dict)
     # ... and the latest value of every metric so far (for the manifest).
     metrics: dict[str, float] = field(default_factory=dict)
+    # DPO: the reference policy's (chosen, rejected) log-probs per pair, ``{"train", "valid"}``
+    # tables computed before the first step (trainer/dpo.py) and kept in checkpoints.
+    reference: dict[str, torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ class TrainingRun:
             lora=self.model.lora,
             hyperparameters={
                 **data.hyperparameters.model_dump(),
+                **({"method": "dpo", "beta": spec.beta()} if spec.method == "dpo" else {}),
                 "max_seq_length": data.max_seq_length,
                 "warmup_ratio": spec.warmup_ratio,
                 "weight_decay": spec.weight_decay,

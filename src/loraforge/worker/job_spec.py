@@ -98,6 +98,7 @@ def build_spec(settings: Settings, session: Session, job: Job, run_dir: Path) ->
         "pause_file": str(run_dir / artefacts.PAUSE_FILE),
         "eval_every": settings.eval_every_steps,
         "init_adapter": _init_adapter(settings, session, job),
+        **_method_fields(job),
         # LoRA knobs and schedule are top-level TrainSpec fields (absent: the catalog's defaults).
         **{k: job.hyperparameters[k] for k in _SPEC_KNOBS if job.hyperparameters.get(k) is not None},
         # The memory plan made at creation: strategy, GPUs, token budget, checkpointing; and the
@@ -109,6 +110,13 @@ def build_spec(settings: Settings, session: Session, job: Job, run_dir: Path) ->
         return TrainSpec.model_validate(fields)
     except ValidationError as exc:
         raise ValueError(f"the job's settings make no valid training spec: {_reasons(exc)}") from None
+
+
+def _method_fields(job: Job) -> dict[str, object]:
+    """A DPO job's method and beta (resolved at creation; absent on a supervised job)."""
+    if (job.method or {}).get("type") != "dpo":
+        return {}
+    return {"method": "dpo", "dpo_beta": job.hyperparameters.get("beta")}
 
 
 def _reasons(exc: ValidationError) -> str:

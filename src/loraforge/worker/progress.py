@@ -119,7 +119,8 @@ class RunProgress:
                 return  # a resumed run: already reported
             # Merge: the LoRA knobs set at creation stay on the job next to the resolved trio.
             job.hyperparameters = {**job.hyperparameters, **resolved}
-            job.method = {"type": "supervised", "supervised": {"hyperparameters": job.hyperparameters}}
+            kind = (job.method or {}).get("type") or "supervised"
+            job.method = {"type": kind, kind: {"hyperparameters": job.hyperparameters}}
             add_event(
                 session,
                 self.job_id,

@@ -3,7 +3,9 @@
 Like OpenAI's, the file's content is the CSV **base64-encoded**, so code written against OpenAI
 (``base64.b64decode(client.files.content(id).read())``) works unchanged. Columns follow OpenAI's
 guide (``step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy``) plus the
-end-of-run ``full_valid_*``; a metric not measured at a step is an empty cell.
+end-of-run ``full_valid_*``; a metric not measured at a step is an empty cell. A DPO job's file
+(``train_loss``/``valid_loss`` are its DPO loss) adds TRL's reward columns: ``rewards/chosen``,
+``rewards/rejected``, ``rewards/accuracies``, ``rewards/margins`` and their ``valid_`` twins.
 """
 
 from __future__ import annotations
@@ -32,6 +34,17 @@ COLUMNS = {
     "full_valid_loss": "full_valid_loss",
     "full_valid_mean_token_accuracy": "full_valid_mean_token_accuracy",
 }
+# Added when the job is a DPO job (its metrics events carry them).
+DPO_COLUMNS = {
+    f"{prefix}rewards/{column}": f"{prefix or 'train_'}rewards_{key}"
+    for prefix in ("", "valid_")
+    for column, key in (
+        ("chosen", "chosen"),
+        ("rejected", "rejected"),
+        ("accuracies", "accuracy"),
+        ("margins", "margin"),
+    )
+}
 
 
 def metrics_by_step(session: Session, job_id: str) -> list[dict[str, Any]]:
@@ -57,12 +70,15 @@ def metrics_csv(rows: list[dict[str, Any]]) -> str:
     Returns:
         The CSV text.
     """
+    columns = dict(COLUMNS)
+    if any("train_rewards_accuracy" in row for row in rows):
+        columns.update(DPO_COLUMNS)
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(COLUMNS)
+    writer.writerow(columns)
     for row in rows:
         cells = []
-        for key in COLUMNS.values():
+        for key in columns.values():
             value = row.get(key)
             cells.append("" if value is None else (str(value) if key == "step" else f"{float(value):.6g}"))
         writer.writerow(cells)

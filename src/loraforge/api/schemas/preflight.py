@@ -23,6 +23,8 @@ class FineTuningJobHyperparameters(StoredObject):
     max_seq_length: int | None | MISSING = MISSING
     warmup_ratio: Number | None | MISSING = MISSING
     weight_decay: Number | None | MISSING = MISSING
+    # DPO jobs: beta ("auto" is resolved to 0.1 at creation).
+    beta: Literal["auto"] | Number | MISSING = MISSING
 
 
 class FineTuneMethodParams(StoredObject):

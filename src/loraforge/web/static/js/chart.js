@@ -5,7 +5,8 @@ import { fmtNum, html } from "./ui.js";
 const COLORS = { train: "#4f46e5", valid: "#ea580c" };
 
 /**
- * Metrics events -> one row per step: {step, train_loss, valid_loss, train_acc, valid_acc}.
+ * Metrics events -> one row per step: {step, train_loss, valid_loss, train_acc, valid_acc}, and a
+ * DPO job's rewards: {train_reward_acc, valid_reward_acc, train_margin, valid_margin, chosen, rejected}.
  * Events may repeat a step (a resumed job): the newest wins.
  */
 export function metricRows(events) {
@@ -20,6 +21,13 @@ export function metricRows(events) {
       valid_loss: d.valid_loss ?? d.full_valid_loss ?? null,
       train_acc: d.train_mean_token_accuracy ?? null,
       valid_acc: d.valid_mean_token_accuracy ?? d.full_valid_mean_token_accuracy ?? null,
+      // DPO jobs (train_loss is then the DPO loss): TRL's rewards/* per step.
+      train_reward_acc: d.train_rewards_accuracy ?? null,
+      valid_reward_acc: d.valid_rewards_accuracy ?? d.full_valid_rewards_accuracy ?? null,
+      train_margin: d.train_rewards_margin ?? null,
+      valid_margin: d.valid_rewards_margin ?? d.full_valid_rewards_margin ?? null,
+      chosen: d.train_rewards_chosen ?? null,
+      rejected: d.train_rewards_rejected ?? null,
     });
   }
   return [...byStep.values()].sort((a, b) => a.step - b.step);

@@ -1,6 +1,8 @@
-// Client-side checks of a chat JSONL training file before it is uploaded: the same rules the
-// server applies (one JSON object per line, a non-empty `messages` list, an assistant message to
-// train on, at least 10 examples), reported by line so the user can fix the file first.
+// Client-side checks of a JSONL training file before it is uploaded: the same rules the server
+// applies (one JSON object per line, a non-empty `messages` list, an assistant message to train
+// on, at least 10 examples; for DPO, OpenAI's preference lines: `input.messages` and one
+// assistant message in each of `preferred_output` and `non_preferred_output`), reported by line
+// so the user can fix the file first.
 
 export const MIN_EXAMPLES = 10;
 const ROLES = new Set(["system", "developer", "user", "assistant", "tool", "function"]);
@@ -24,11 +26,32 @@ function checkLine(obj) {
   return null;
 }
 
+function checkOutput(obj, key) {
+  const out = obj[key];
+  if (!Array.isArray(out) || out.length !== 1) return `needs "${key}": a list with one assistant message`;
+  const m = out[0];
+  if (m === null || typeof m !== "object" || m.role !== "assistant") return `"${key}" must hold an assistant message`;
+  if (!(typeof m.content === "string" || Array.isArray(m.content))) return `"${key}" has no content`;
+  return null;
+}
+
+function checkPreferenceLine(obj) {
+  if (obj === null || typeof obj !== "object" || Array.isArray(obj)) return "is not a JSON object";
+  if (Array.isArray(obj.messages)) return "is a chat example; a DPO job needs preference examples (input, preferred_output, non_preferred_output)";
+  if (obj.input === null || typeof obj.input !== "object") return "has no \"input\" object";
+  if (!Array.isArray(obj.input.messages) || !obj.input.messages.length) return "has no \"input.messages\" list";
+  // The prompt's messages follow the chat rules (the completion stands in for the assistant turn).
+  const problem = checkLine({ messages: [...obj.input.messages, { role: "assistant", content: "" }] });
+  if (problem) return `input: ${problem}`;
+  return checkOutput(obj, "preferred_output") || checkOutput(obj, "non_preferred_output");
+}
+
 /**
- * Check a File. Resolves to {examples, problems: [{line, message}], truncated, partial}; an empty
+ * Check a File (`method` "dpo": preference lines). Resolves to {examples, problems: [{line, message}], truncated, partial}; an empty
  * `problems` list means the file looks trainable.
  */
-export async function checkTrainingFile(file) {
+export async function checkTrainingFile(file, method = "supervised") {
+  const check = method === "dpo" ? checkPreferenceLine : checkLine;
   const problems = [];
   if (!/\.jsonl$/i.test(file.name)) {
     problems.push({ line: null, message: `"${file.name}" is not a .jsonl file` });
@@ -47,7 +70,7 @@ export async function checkTrainingFile(file) {
       problems.push({ line: i + 1, message: "is not valid JSON" });
       continue;
     }
-    const problem = checkLine(obj);
+    const problem = check(obj);
     if (problem) problems.push({ line: i + 1, message: problem });
     else examples++;
   }

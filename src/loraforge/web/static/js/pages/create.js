@@ -1,5 +1,5 @@
-// Create job: base model, training file (+ optional validation file), nickname, batch size,
-// learning-rate multiplier, epochs -> Create. Files are checked in the browser first; the
+// Create job: method (supervised, or DPO with its beta), base model, training file (+ optional
+// validation file), nickname, batch size, learning-rate multiplier, epochs -> Create. Files are checked in the browser first; the
 // server's own verdicts (upload rejection, file validation, job creation) are shown by line.
 import { useEffect, useState } from "preact/hooks";
 import { api, ApiError, uploadFile } from "../api.js";
@@ -22,16 +22,21 @@ async function waitProcessed(file) {
   return file;
 }
 
-function FileField({ label, state, setState, files, optional, testid }) {
+function FileField({ label, state, setState, files, optional, testid, method }) {
   const choose = async (file) => {
     setState({ file, check: null, existing: "" });
-    setState({ file, check: await checkTrainingFile(file), existing: "" });
+    setState({ file, check: await checkTrainingFile(file, method), existing: "" });
   };
+  // The method changed after a file was chosen: check it again by the other format's rules.
+  useEffect(() => {
+    if (state.file) checkTrainingFile(state.file, method).then((check) => setState({ ...state, check }));
+  }, [method]);
+  const what = method === "dpo" ? "preference examples (DPO)" : "chat examples";
   const check = state.check;
   return html`<div class="field">
     <div class="label">${label}${optional && html` <span class="muted">(optional)</span>`}</div>
     <${DropZone} file=${state.file} onFile=${choose} accept=".jsonl" testid=${testid}
-      label="Drop a .jsonl file of chat examples here, or click to choose" />
+      label=${`Drop a .jsonl file of ${what} here, or click to choose`} />
     ${check &&
     (check.problems.length
       ? html`<div class="check bad" data-testid=${`${testid}-problems`}>
@@ -87,6 +92,8 @@ export function CreateJobPage() {
   const [models, setModels] = useState(null); // null until the list is in: the form then picks the default
   const [files, setFiles] = useState([]);
   const [model, setModel] = useState("");
+  const [method, setMethod] = useState("supervised");
+  const [beta, setBeta] = useState("");
   const [train, setTrain] = useState({ file: null, check: null, existing: "" });
   const [valid, setValid] = useState({ file: null, check: null, existing: "" });
   const [suffix, setSuffix] = useState("");
@@ -141,7 +148,8 @@ export function CreateJobPage() {
     const training = await resolveFile(train, "training file");
     if (!training) throw new Error("Choose a training file.");
     const validation = await resolveFile(valid, "validation file");
-    const req = { model, training_file: training, method: { type: "supervised", supervised: { hyperparameters } } };
+    if (method === "dpo") hyperparameters.beta = numberOrAuto(beta, parseFloat);
+    const req = { model, training_file: training, method: { type: method, [method]: { hyperparameters } } };
     if (validation) req.validation_file = validation;
     if (suffix.trim()) req.suffix = suffix.trim();
     return req;
@@ -180,19 +188,32 @@ export function CreateJobPage() {
     <div class="page-head">
       <div>
         <h1>Create a fine-tuning job</h1>
-        <p class="muted">Supervised LoRA fine-tuning on chat examples (OpenAI's JSONL format).</p>
+        <p class="muted">LoRA fine-tuning in OpenAI's JSONL formats: supervised on chat examples, or DPO on
+          preference pairs (best started from a supervised fine-tune of the same base).</p>
       </div>
       <a class="btn" href="#/jobs">Cancel</a>
     </div>
     <form class="card form" onSubmit=${(e) => submit(e)} data-testid="create-form">
+      <div class="grid3">
+        <label class="field"><span class="label">Method</span>
+          <select name="method" value=${method} onChange=${(e) => setMethod(e.target.value)} data-testid="method">
+            <option value="supervised">Supervised</option>
+            <option value="dpo">DPO (preference pairs)</option>
+          </select></label>
+        ${method === "dpo" &&
+        html`<label class="field"><span class="label">Beta <span class="muted">(DPO)</span></span>
+          <input name="beta" type="number" min="0.001" max="2" step="any" placeholder="auto (0.1)" value=${beta}
+            onInput=${(e) => setBeta(e.target.value)} data-testid="beta" /></label>`}
+      </div>
       <label class="field">
         <span class="label">Base model</span>
         <select name="model" value=${model} onChange=${(e) => setModel(e.target.value)} required>
           ${models.map((m) => html`<option value=${m.id}>${m.id}${m.context_length ? ` · ${m.context_length} ctx` : ""}</option>`)}
         </select>
       </label>
-      <${FileField} label="Training file" state=${train} setState=${setTrain} files=${files} testid="training-file" />
-      <${FileField} label="Validation file" state=${valid} setState=${setValid} files=${files} optional testid="validation-file" />
+      <${FileField} label="Training file" state=${train} setState=${setTrain} files=${files} method=${method} testid="training-file" />
+      <${FileField} label="Validation file" state=${valid} setState=${setValid} files=${files} method=${method} optional
+        testid="validation-file" />
       <label class="field">
         <span class="label">Nickname <span class="muted">(optional: becomes part of the model name)</span></span>
         <input name="suffix" maxlength="64" pattern="[A-Za-z0-9_.\\-]+" placeholder="e.g. tickets" value=${suffix}

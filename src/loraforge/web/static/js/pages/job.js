@@ -53,12 +53,27 @@ function Actions({ job, onChange }) {
   </div>`;
 }
 
+/** A DPO job's latest rewards: beta x (log pi - log pi_ref) of the chosen and rejected answers. */
+function DpoRewards({ last }) {
+  const rows = [
+    ["Chosen reward", fmtNum(last && last.chosen, 3)],
+    ["Rejected reward", fmtNum(last && last.rejected, 3)],
+    ["Reward accuracy", fmtPct(last && last.train_reward_acc)],
+    ["Margin", fmtNum(last && last.train_margin, 3)],
+  ];
+  return html`<div class="card" data-testid="dpo-rewards">
+    <h2>Rewards <span class="muted small">step ${last ? last.step : "—"}</span></h2>
+    <dl class="details">${rows.map(([k, v]) => html`<div><dt>${k}</dt><dd>${v}</dd></div>`)}</dl>
+  </div>`;
+}
+
 function Details({ job }) {
   const hp = job.hyperparameters || {};
   const rows = [
     ["Base model", html`<span class="mono">${job.model}</span>`],
     ["Fine-tuned model", job.fine_tuned_model ? html`<span class="mono">${job.fine_tuned_model}</span> <${Copy} text=${job.fine_tuned_model} />` : "—"],
     ["Method", jobMethod(job)],
+    ...(jobMethod(job) === "dpo" ? [["Beta", hp.beta ?? "auto"]] : []),
     ["Epochs", hp.n_epochs ?? "auto"],
     ["Batch size", hp.batch_size ?? "auto"],
     ["LR multiplier", hp.learning_rate_multiplier ?? "auto"],
@@ -176,11 +191,22 @@ export function JobDetailPage({ id }) {
       <${ProgressBar} value=${last.step} total=${last.total} label=${`step ${last.step} / ${last.total}`} />
       <span class="muted small nowrap">${!finished && eta !== null ? `ETA ${fmtDuration(eta)}` : ""}</span>
     </div>`}
-    <div class="grid2">
-      <${MetricChart} title="Loss" rows=${rows} keys=${["train_loss", "valid_loss"]} note=${note} testid="chart-loss" />
-      <${MetricChart} title="Token accuracy" rows=${rows} keys=${["train_acc", "valid_acc"]} percent note=${note}
-        testid="chart-accuracy" />
-    </div>
+    ${jobMethod(job) === "dpo"
+      ? html`<div class="grid2">
+            <${MetricChart} title="DPO loss" rows=${rows} keys=${["train_loss", "valid_loss"]} note=${note} testid="chart-loss" />
+            <${MetricChart} title="Reward accuracy" rows=${rows} keys=${["train_reward_acc", "valid_reward_acc"]} percent
+              note=${note} testid="chart-reward-accuracy" />
+          </div>
+          <div class="grid2">
+            <${MetricChart} title="Reward margin (chosen − rejected)" rows=${rows} keys=${["train_margin", "valid_margin"]}
+              note=${note} testid="chart-reward-margin" />
+            <${DpoRewards} last=${last} />
+          </div>`
+      : html`<div class="grid2">
+          <${MetricChart} title="Loss" rows=${rows} keys=${["train_loss", "valid_loss"]} note=${note} testid="chart-loss" />
+          <${MetricChart} title="Token accuracy" rows=${rows} keys=${["train_acc", "valid_acc"]} percent note=${note}
+            testid="chart-accuracy" />
+        </div>`}
     ${wandb &&
     html`<div class="card row-card" data-testid="wandb-run">
       <span>Weights & Biases run</span>
