@@ -219,7 +219,7 @@ class FastCounter:
 
         Returns:
             ``(n_tokens, ranges)``: ranges are ``[first, last]`` runs of tokens that overlap a span
-            (transformers' ``assistant_masks``), as :func:`~loraforge.preflight.tokens._token_ranges`
+            (transformers' ``assistant_masks``), as :func:`~loraforge.preflight.tokens.token_ranges`
             computes them from a full encoding.
         """
         parts = self._added.split(text) if self._added is not None else [text]

@@ -32,7 +32,7 @@ from typing import Any, TextIO
 from loraforge.contracts.train_spec import TrainSpec, load_spec
 from loraforge.contracts.trainer_events import Emit, ErrorEvent, TrainerEvent
 from loraforge.contracts.trainer_launch import PARENT_PID_ENV
-from loraforge.trainer.data import TrainingDataError, read_chat_jsonl
+from loraforge.trainer.data import TrainingDataError
 
 logger = logging.getLogger("loraforge.trainer")
 
@@ -184,8 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         lock = _hold_run_lock(spec)  # noqa: F841 - held (open) until the process exits
-        # Fail fast on a bad file, before the seconds-long torch/transformers import.
-        read_chat_jsonl(spec.training_file)
+        # A bad file fails in setup, before the model loads (the file is read once, in parts).
         from loraforge.trainer.recipe import train  # torch & co. load only after the env is set
 
         train(spec, emit)
