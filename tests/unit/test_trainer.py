@@ -218,8 +218,9 @@ def test_memorisation_end_to_end(tmp_path: Path, models_dir: Path, tokenizer) ->
     events: list[dict] = []
     manifest = train(spec, events.append)
 
-    ready, hp = events[0], events[1]
-    assert ready["type"] == "data_progress" and ready["fraction"] == 1.0 and ready["n_examples"] == 20
+    preparing = [e for e in events if e["type"] == "data_progress"]
+    ready, hp = preparing[-1], events[len(preparing)]  # the data first, then the hyperparameters
+    assert ready["fraction"] == 1.0 and ready["n_examples"] == 20 and not ready["cached"]
     assert hp["type"] == "hyperparameters"
     assert (hp["n_epochs"], hp["batch_size"], hp["total_steps"], hp["n_examples"]) == (20, 4, 100, 20)
     assert hp["learning_rate"] == pytest.approx(5e-3)

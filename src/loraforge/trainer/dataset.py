@@ -3,7 +3,7 @@
 :func:`prepare` turns a training (or validation) file into memory-mapped Arrow files of
 ``input_ids``, ``labels``, ``length`` and ``n_labels`` columns, one row per example in file order:
 
-1. the JSONL's non-blank lines go to an Arrow file (``line``, ``text``), read in blocks;
+1. the JSONL's non-blank lines go to an Arrow file (``line``, ``raw``), read in blocks;
 2. ``datasets.Dataset.map(batched=True, num_proc=...)`` validates and tokenizes them with
    :func:`loraforge.trainer.data._validate_example` and
    :func:`~loraforge.trainer.data.tokenize_batch` (the definitions the pre-flight shares), in
@@ -34,6 +34,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from loraforge.preflight.validate import parse_line
 from loraforge.trainer.data import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -199,8 +200,8 @@ def cache_key(file_sha: str, tokenizer: Any, max_seq_length: int | None, method:
 
 
 def _write_lines(source: Path, target: Path, progress: Callable[[int], None]) -> int:
-    """The file's non-blank lines as an Arrow stream file (``line``, ``text``); returns rows."""
-    schema = pa.schema([("line", pa.int64()), ("text", pa.large_string())])
+    """The file's non-blank lines as an Arrow stream file (``line``, ``raw`` bytes); returns rows."""
+    schema = pa.schema([("line", pa.int64()), ("raw", pa.large_binary())])
     rows, lineno = 0, 0
     with source.open("rb") as fh, pa.OSFile(str(target), "wb") as sink:
         with pa.ipc.new_stream(sink, schema) as writer:
@@ -217,9 +218,9 @@ def _write_lines(source: Path, target: Path, progress: Callable[[int], None]) ->
                     lineno += 1
                     if raw.strip():
                         lines.append(lineno)
-                        texts.append(raw.decode("utf-8"))
+                        texts.append(raw)
                 if texts:
-                    columns = [pa.array(lines, pa.int64()), pa.array(texts, pa.large_string())]
+                    columns = [pa.array(lines, pa.int64()), pa.array(texts, pa.large_binary())]
                     writer.write_batch(pa.record_batch(columns, schema))
                     rows += len(texts)
                 progress(fh.tell())
@@ -234,12 +235,15 @@ def _tokenize_rows(
     """map() body: validate and tokenize a batch of lines (errors go in the ``error`` column)."""
     template = chat_template_for(tokenizer)
     out: dict[str, list[Any]] = {k: [] for k in _FEATURES}
-    for line, text in zip(batch["line"], batch["text"], strict=True):
+    for line, raw in zip(batch["line"], batch["raw"], strict=True):
         ids: list[int] = []
         labels: list[int] = []
         try:
-            record = _validate_example(json.loads(text))
-        except ValueError as exc:  # json.JSONDecodeError is a ValueError
+            obj, issue = parse_line(raw)  # the pre-flight's reading of a line: UTF-8, then JSON
+            if issue is not None:
+                raise ValueError(issue[1])
+            record = _validate_example(obj)
+        except ValueError as exc:
             error = f"invalid: {exc}"
         else:
             try:
@@ -394,7 +398,7 @@ def _build(
     lines_file = work / "lines.arrow"
     try:
         rows = _write_lines(source, lines_file, lambda done: report(read_share * done / size))
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise TrainingDataError("invalid_training_file", f"{label} could not be read: {exc}", param) from exc
     lines = datasets.Dataset.from_file(str(lines_file))
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -409,7 +413,7 @@ def _build(
             batch_size=MAP_BATCH,
             num_proc=procs if len(piece) >= PARALLEL_MIN_ROWS else None,
             fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length},
-            remove_columns=["text"],
+            remove_columns=["raw"],
             features=_FEATURES,
             cache_file_name=str(work / f"part-{k:05d}.arrow"),
             new_fingerprint=f"{work.name}-{k}",

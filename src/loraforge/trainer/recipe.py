@@ -160,7 +160,8 @@ def _prepare_files(
     follower = int(os.environ.get("RANK", "0") or 0) != 0
 
     def progress(fraction: float, elapsed: float, left: float) -> None:
-        if emit is not None and fraction < 1:
+        # A file prepared within a second needs no progress report, only the "ready" line.
+        if emit is not None and fraction < 1 and elapsed >= 1:
             event = DataProgressEvent(
                 fraction=round(fraction, 4), elapsed_s=round(elapsed, 2), eta_s=round(left, 2)
             )
