@@ -78,7 +78,9 @@ def old_read_and_tokenize(path: str, tokenizer: Any, max_seq_length: int) -> lis
     """Main's data phase before issue 14: the whole file in memory, one template call per example."""
     from loraforge.trainer.data import IGNORE_INDEX, TokenizedExample, _validate_example
 
-    examples = [_validate_example(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()]
+    examples = [
+        _validate_example(json.loads(line)) for line in Path(path).read_text().splitlines() if line.strip()
+    ]
     out = []
     for example in examples:
         chat = [{k: v for k, v in m.items() if k != "weight"} for m in example["messages"]]
@@ -198,7 +200,9 @@ def run_trainer(mode: str, spec_path: Path) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", default="100", help="file sizes in MB, comma-separated")
     parser.add_argument("--old-max-mb", type=int, default=100, help="run the old path up to this size")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/loraforge-bench-data"))
@@ -220,7 +224,9 @@ def main() -> None:
         if not data.exists():
             t = time.monotonic()
             n = generate(data, mb)
-            print(json.dumps({"generated": str(data), "examples": n, "seconds": round(time.monotonic() - t, 1)}))
+            print(
+                json.dumps({"generated": str(data), "examples": n, "seconds": round(time.monotonic() - t, 1)})
+            )
         modes = (["old"] if mb <= args.old_max_mb else []) + ["new", "resume"]
         run = work / f"run-{mb}mb"
         subprocess.run(["rm", "-rf", str(run)], check=True)

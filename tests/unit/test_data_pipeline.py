@@ -66,7 +66,10 @@ def _varied() -> list[dict[str, Any]]:
     weighted["messages"][-1]["weight"] = 0
     weighted["messages"] += [
         {"role": "user", "content": "and again?"},
-        {"role": "assistant", "content": [{"type": "text", "text": "Once"}, {"type": "text", "text": "more"}]},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "Once"}, {"type": "text", "text": "more"}],
+        },
     ]
     tool = {
         "tools": [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}],
@@ -76,7 +79,11 @@ def _varied() -> list[dict[str, Any]]:
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
+                    {
+                        "id": "c1",
+                        "type": "function",
+                        "function": {"name": "weather", "arguments": '{"city": "Paris"}'},
+                    }
                 ],
             },
             {"role": "tool", "tool_call_id": "c1", "content": "18C"},
@@ -118,10 +125,15 @@ def test_prepared_rows_equal_apply_chat_template_and_are_cached(tmp_path: Path, 
     assert events and events[-1][0] == 1.0 and all(0 < f <= 1 for f, _, _ in events)
     for row, record in zip(first.examples, records, strict=True):
         assert (row.input_ids, row.labels) == _reference(hf_tokenizer, record, 200)
-    assert [r.input_ids for r in first.examples] == [r.input_ids for r in tokenize_dataset(hf_tokenizer, records, 200)]
+    assert [r.input_ids for r in first.examples] == [
+        r.input_ids for r in tokenize_dataset(hf_tokenizer, records, 200)
+    ]
     assert first.examples.lengths() == [len(r.input_ids) for r in first.examples]
     assert first.examples.n_label_tokens() == sum(r.n_label_tokens for r in first.examples) > 0
-    assert [r.labels for r in first.examples.take([9, 0])] == [first.examples[9].labels, first.examples[0].labels]
+    assert [r.labels for r in first.examples.take([9, 0])] == [
+        first.examples[9].labels,
+        first.examples[0].labels,
+    ]
 
     again = prepare(path, hf_tokenizer, 200, tmp_path / "data")
     assert again.cached and again.path == first.path
@@ -160,7 +172,11 @@ def _trainer_verdict(tokenizer: Any, raw: bytes, limit: int) -> tuple[bool, Any]
         return False, None
     try:
         record = _validate_example(obj)
-        return True, (record, tokenize_batch(tokenizer, [record], None)[0], tokenize_batch(tokenizer, [record], limit)[0])
+        return True, (
+            record,
+            tokenize_batch(tokenizer, [record], None)[0],
+            tokenize_batch(tokenizer, [record], limit)[0],
+        )
     except ValueError:  # json errors, invalid examples, templates that refuse them
         return False, None
 
@@ -197,7 +213,9 @@ def test_preflight_and_trainer_agree_on_every_corpus_line(entry, models_dir: Pat
 
 
 @pytest.mark.slow
-def test_preflight_and_trainer_agree_on_a_generated_file(tmp_path: Path, entry, models_dir: Path, hf_tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_preflight_and_trainer_agree_on_a_generated_file(
+    tmp_path: Path, entry, models_dir: Path, hf_tokenizer
+) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "gen.jsonl"
     n = generate(path, 2, seed=7)  # ~1,000 chats, ~1 M tokens
     with path.open("rb") as fh:
@@ -209,4 +227,6 @@ def test_preflight_and_trainer_agree_on_a_generated_file(tmp_path: Path, entry, 
     assert len(prepared.examples) == n
     assert sum(prepared.examples.lengths()) == report.tokens.total_tokens
     assert prepared.examples.n_label_tokens() == report.tokens.trained_tokens
-    assert max(prepared.examples.lengths()) == min(report.tokens.longest_example_tokens, report.tokens.max_seq_length)
+    assert max(prepared.examples.lengths()) == min(
+        report.tokens.longest_example_tokens, report.tokens.max_seq_length
+    )
