@@ -53,20 +53,31 @@ def _text(rng: random.Random, n: int) -> str:
 
 
 def generate(path: Path, megabytes: int, seed: int = 1) -> int:
-    """Write a chat JSONL of about ``megabytes`` MB; returns the number of examples."""
+    """Write a chat JSONL of about ``megabytes`` MB; returns the number of examples.
+
+    Messages are drawn from a seeded pool of 4,000 user and 4,000 assistant texts, so a 1 GB file
+    takes seconds to write; every conversation is a new combination of one to three turns.
+    """
     rng = random.Random(seed)
+    users = [json.dumps(_text(rng, rng.randint(20, 90))) for _ in range(4000)]
+    answers = [json.dumps(_text(rng, rng.randint(30, 140))) for _ in range(4000)]
+    head = '{"messages": [{"role": "system", "content": "You are a helpful support agent."}'
     target, written, n = megabytes * 1_000_000, 0, 0
     tmp = path.with_suffix(".partial")
     with tmp.open("w") as fh:
         while written < target:
-            messages = [{"role": "system", "content": "You are a helpful support agent."}]
-            for _ in range(rng.randint(1, 3)):
-                messages.append({"role": "user", "content": _text(rng, rng.randint(20, 90))})
-                messages.append({"role": "assistant", "content": _text(rng, rng.randint(30, 140))})
-            line = json.dumps({"messages": messages}) + "\n"
-            fh.write(line)
-            written += len(line)
-            n += 1
+            lines = []
+            for _ in range(1000):
+                turns = "".join(
+                    f', {{"role": "user", "content": {rng.choice(users)}}}'
+                    f', {{"role": "assistant", "content": {rng.choice(answers)}}}'
+                    for _ in range(rng.randint(1, 3))
+                )
+                lines.append(head + turns + "]}\n")
+            chunk = "".join(lines)
+            fh.write(chunk)
+            written += len(chunk)
+            n += len(lines)
     tmp.rename(path)
     return n
 

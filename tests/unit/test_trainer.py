@@ -325,7 +325,15 @@ def test_cli_prints_json_lines_and_writes_adapter(tmp_path: Path, models_dir: Pa
     spec = make_spec(tmp_path, models_dir, n_examples=10, hyperparameters={"n_epochs": 1, "batch_size": 5})
     proc, lines = run_cli(spec, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert [line["type"] for line in lines] == ["hyperparameters", "metrics", "metrics", "done"]
+    # A 10-line file is ready within a second: one data_progress line (ready), no percentages.
+    assert [line["type"] for line in lines] == [
+        "data_progress",
+        "hyperparameters",
+        "metrics",
+        "metrics",
+        "done",
+    ]
+    assert lines[0]["fraction"] == 1.0 and lines[0]["n_examples"] == 10
     assert lines[-1]["adapter_dir"] == str((tmp_path / "adapter").resolve())
     assert (tmp_path / "adapter" / "manifest.json").is_file()
 
