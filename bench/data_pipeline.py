@@ -17,8 +17,8 @@ is written and it stops at its pause checkpoint:
 * ``resume``: the ``new`` run again on the same data directory and checkpoints: the cache hit.
 
 Reported per run: seconds from the child's start to the first metrics event (``first_step_s``),
-data preparation seconds (``prep_s``), the trainer process's peak RSS (``VmHWM``) and the peak of
-the summed RSS of its process tree (tokenizing workers included), sampled every 0.1 s.
+data preparation seconds (``prep_s``), CPU seconds of the run (``cpu_s``, workers included),
+the trainer process's peak RSS (``VmHWM``) and the peak of the summed RSS of its process tree (tokenizing workers included), sampled every 0.1 s.
 Prints one JSON line per run and a final ``RESULT`` line.
 """
 
@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import time
@@ -162,6 +163,7 @@ def _hwm(pid: int) -> int:
 def run_trainer(mode: str, spec_path: Path) -> dict[str, Any]:
     """One child run; returns its timings and memory peaks."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     child = subprocess.Popen(
         [sys.executable, __file__, "--child", mode, str(spec_path)],
@@ -199,10 +201,15 @@ def run_trainer(mode: str, spec_path: Path) -> dict[str, Any]:
     child.wait()
     stop.set()
     sampler.join()
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
         "mode": mode,
         "first_step_s": round(first_step or -1, 2),
         "prep_s": round(prep or -1, 2),
+        # CPU seconds of the trainer and its tokenizing workers, start to exit (the pause
+        # checkpoint included): what the run costs whatever else the machine is doing.
+        "cpu_s": round(cpu, 1),
         "cache_hit": cached,
         "peak_rss_trainer_mib": round(peak_main / 2**20),
         "peak_rss_tree_mib": round(peak_tree / 2**20),
