@@ -18,7 +18,8 @@ is written and it stops at its pause checkpoint:
 
 Reported per run: seconds from the child's start to the first metrics event (``first_step_s``),
 data preparation seconds (``prep_s``), CPU seconds of the run (``cpu_s``, workers included),
-the trainer process's peak RSS (``VmHWM``) and the peak of the summed RSS of its process tree (tokenizing workers included), sampled every 0.1 s.
+the trainer process's peak RSS (``VmHWM``) and the peak of the summed RSS of its process tree
+(tokenizing workers included), sampled every 0.1 s.
 Prints one JSON line per run and a final ``RESULT`` line.
 """
 
