@@ -7,6 +7,7 @@ imports torch lazily, so the API can reuse :func:`read_chat_jsonl` without loadi
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ import jinja2
 
 from loraforge.contracts.trainer_events import ErrorEvent
 from loraforge.preflight.chat import check_chat_line
+from loraforge.preflight.fastcount import FastCounter, fast_counter_for
 from loraforge.preflight.template import ChatTemplate, compile_template
-from loraforge.preflight.tokens import merge_runs, token_ranges
+from loraforge.preflight.tokens import VERIFY_EVERY, VERIFY_FIRST, merge_runs, token_ranges
+
+log = logging.getLogger(__name__)
 
 MIN_TRAINING_EXAMPLES = 10
 IGNORE_INDEX = -100
@@ -147,6 +151,51 @@ def _backend(tokenizer: Any) -> Any:
     return backend
 
 
+class _Encoder:
+    """Rendered chats -> (ids, assistant token runs): the pre-flight's pre-token cache where the
+    tokenizer allows it (:meth:`FastCounter.encode`), checked against the full tokenizer on the
+    first examples and then every Nth, and given up for good on any difference."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.fast: FastCounter | None = fast_counter_for(backend)
+        self.seen = 0
+
+    def encode(
+        self, texts: list[str], spans: list[list[tuple[int, int]]]
+    ) -> list[tuple[list[int], list[list[int]]]]:
+        if self.fast is None:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False) if texts else []
+            return [(list(e.ids), token_ranges(e, s)) for e, s in zip(encodings, spans, strict=True)]
+        out = []
+        for text, text_spans in zip(texts, spans, strict=True):
+            ids, ranges = self.fast.encode(text, text_spans)
+            self.seen += 1
+            if self.seen <= VERIFY_FIRST or self.seen % VERIFY_EVERY == 0:
+                exact = self.backend.encode(text, add_special_tokens=False)
+                truth = (list(exact.ids), merge_runs(token_ranges(exact, text_spans)))
+                if (ids, merge_runs(ranges)) != truth:
+                    log.warning("pre-token ids differ from the tokenizer's; using the tokenizer from now on")
+                    self.fast = None
+                    return out + self.encode(texts[len(out) :], spans[len(out) :])
+            out.append((ids, ranges))
+        return out
+
+
+# One encoder per tokenizer object (kept alive here, so its id is never reused).
+_ENCODERS: dict[int, tuple[Any, _Encoder]] = {}
+
+
+def _encoder(tokenizer: Any) -> _Encoder:
+    backend = _backend(tokenizer)
+    found = _ENCODERS.get(id(backend))
+    if found is None:
+        if len(_ENCODERS) >= 8:
+            _ENCODERS.clear()
+        found = _ENCODERS[id(backend)] = (backend, _Encoder(backend))
+    return found[1]
+
+
 def tokenize_batch(
     tokenizer: Any,
     examples: list[dict[str, Any]] | list[list[dict[str, Any]]],
@@ -158,7 +207,8 @@ def tokenize_batch(
     The rendered tokens are defined once, with the pre-flight: the chat template rendered by
     :class:`~loraforge.preflight.template.ChatTemplate`, whose ``{% generation %}`` spans are the
     assistant content (or its tool calls) plus its end-of-turn token; the text encoded by the fast
-    tokenizer in one batch (no special tokens added, as ``apply_chat_template`` encodes); the spans
+    tokenizer (no special tokens added, as ``apply_chat_template`` encodes; through the pre-flight's
+    pre-token cache where the tokenizer allows, checked against the full encoding); the spans
     mapped to tokens by overlap (:func:`~loraforge.preflight.tokens.token_ranges`, what
     ``return_assistant_tokens_mask`` does). The k-th run of marked tokens is the k-th assistant
     message; a message with ``"weight": 0`` is not labelled. Sequences longer than
@@ -194,11 +244,10 @@ def tokenize_batch(
         texts.append(text)
         all_spans.append(spans)
         all_weights.append([m.get("weight", 1) for m in messages if m["role"] == "assistant"])
-    encodings = _backend(tokenizer).encode_batch(texts, add_special_tokens=False) if texts else []
     out = []
-    for encoding, spans, weights in zip(encodings, all_spans, all_weights, strict=True):
-        ids = list(encoding.ids)
-        runs = merge_runs(token_ranges(encoding, spans))
+    encoded = _encoder(tokenizer).encode(texts, all_spans)
+    for (ids, ranges), weights in zip(encoded, all_weights, strict=True):
+        runs = merge_runs(ranges)
         if len(runs) != len(weights):
             raise ValueError(
                 f"chat template marked {len(runs)} assistant span(s) for {len(weights)} assistant "
