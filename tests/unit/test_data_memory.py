@@ -76,7 +76,7 @@ def test_trainer_peak_rss_is_flat_in_file_size(tmp_path: Path, models_dir: Path)
     small = tmp_path / "small.jsonl"
     small.write_bytes(to_jsonl(chat_examples(20)))
     big = tmp_path / "big.jsonl"
-    generate(big, 12, seed=3)  # ~5,000 chats, ~4 M tokens
+    generate(big, 14, seed=3)  # ~6,000 chats, ~3.4 M tokens
 
     base = _run(tmp_path / "small", small, models_dir)
     large = _run(tmp_path / "big", big, models_dir)

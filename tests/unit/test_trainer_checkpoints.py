@@ -124,7 +124,8 @@ def test_pause_then_resume_with_resolved_hyperparameters_is_exact(
     )
     second: list[dict] = []
     train(resolved, second.append)
-    assert second[1] == {
+    assert second[0]["type"] == "data_progress" and second[0]["cached"]  # the first run's data, reused
+    assert second[2] == {
         "type": "resumed",
         "step": 5,
         "epoch": 2,
@@ -157,7 +158,8 @@ def test_crash_resumes_from_the_last_epoch_checkpoint_exactly(
         train(spec, crash_at_step_8)
     second: list[dict] = []
     train(spec, second.append)
-    assert second[1]["type"] == "resumed" and second[1]["step"] == 6 and second[1]["kind"] == "epoch"
+    assert second[0]["type"] == "data_progress" and second[0]["cached"]
+    assert second[2]["type"] == "resumed" and second[2]["step"] == 6 and second[2]["kind"] == "epoch"
     assert sorted(losses(second)) == list(range(7, 13))
     assert {**losses(first), **losses(second)} == losses(ref_events)  # steps 7-8 re-run identically
     assert same_weights(weights(spec.output_dir), weights(ref_spec.output_dir))
