@@ -18,8 +18,9 @@ is written and it stops at its pause checkpoint:
 
 Reported per run: seconds from the child's start to the first metrics event (``first_step_s``),
 data preparation seconds (``prep_s``), CPU seconds of the run (``cpu_s``, workers included),
-the trainer process's peak RSS (``VmHWM``) and the peak of the summed RSS of its process tree
-(tokenizing workers included), sampled every 0.1 s.
+the trainer process's peak RSS (``VmHWM``) and the peak of the summed PSS of its process tree
+(tokenizing workers included; PSS, because forked workers share pages with the trainer), sampled
+every 0.1 s.
 Prints one JSON line per run and a final ``RESULT`` line.
 """
 
@@ -141,12 +142,17 @@ class _ListExamples(list):  # type: ignore[type-arg]
 # --------------------------------------------------------------------------- the parent
 
 
-def _tree_rss(proc: psutil.Process) -> int:
+def _tree_pss(proc: psutil.Process) -> int:
+    """Summed PSS of the process and its descendants: the tokenizing workers are forked from the
+    trainer, so their RSS counts the pages they share with it again; PSS splits those pages."""
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
-            total += p.memory_info().rss
-        except psutil.Error:
+            for line in Path(f"/proc/{p.pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except (OSError, psutil.Error):
             pass
     return total
 
@@ -184,7 +190,7 @@ def run_trainer(mode: str, spec_path: Path) -> dict[str, Any]:
     def sample() -> None:
         nonlocal peak_tree, peak_main
         while not stop.is_set():
-            peak_tree = max(peak_tree, _tree_rss(proc))
+            peak_tree = max(peak_tree, _tree_pss(proc))
             peak_main = max(peak_main, _hwm(child.pid))
             time.sleep(0.1)
 
@@ -213,7 +219,7 @@ def run_trainer(mode: str, spec_path: Path) -> dict[str, Any]:
         "cpu_s": round(cpu, 1),
         "cache_hit": cached,
         "peak_rss_trainer_mib": round(peak_main / 2**20),
-        "peak_rss_tree_mib": round(peak_tree / 2**20),
+        "peak_pss_tree_mib": round(peak_tree / 2**20),
         "exit": child.returncode,
     }
 
