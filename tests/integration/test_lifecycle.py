@@ -334,6 +334,9 @@ def test_pause_frees_the_trainer_and_resume_finishes_all_steps(stack: Stack) -> 
     texts = [e.message for e in events(client, job.id)]
     assert f"Resumed from checkpoint at step {step}/120" in texts
     assert texts.count("Fine-tuning job started") == 2
+    # The resumed run opened the tokenized data the first run prepared (the run's data cache).
+    ready = [t for t in texts if t.startswith("Training data ready: 20 examples")]
+    assert len(ready) == 2 and sum(t.endswith("reused from an earlier run") for t in ready) == 1
     assert_every_step_once(metrics(client, job.id), 120)
     with pytest.raises(openai.BadRequestError) as exc:
         client.fine_tuning.jobs.resume(job.id)

@@ -218,7 +218,9 @@ def test_memorisation_end_to_end(tmp_path: Path, models_dir: Path, tokenizer) ->
     events: list[dict] = []
     manifest = train(spec, events.append)
 
-    hp = events[0]
+    preparing = [e for e in events if e["type"] == "data_progress"]
+    ready, hp = preparing[-1], events[len(preparing)]  # the data first, then the hyperparameters
+    assert ready["fraction"] == 1.0 and ready["n_examples"] == 20 and not ready["cached"]
     assert hp["type"] == "hyperparameters"
     assert (hp["n_epochs"], hp["batch_size"], hp["total_steps"], hp["n_examples"]) == (20, 4, 100, 20)
     assert hp["learning_rate"] == pytest.approx(5e-3)
@@ -323,7 +325,15 @@ def test_cli_prints_json_lines_and_writes_adapter(tmp_path: Path, models_dir: Pa
     spec = make_spec(tmp_path, models_dir, n_examples=10, hyperparameters={"n_epochs": 1, "batch_size": 5})
     proc, lines = run_cli(spec, tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert [line["type"] for line in lines] == ["hyperparameters", "metrics", "metrics", "done"]
+    # A 10-line file is ready within a second: one data_progress line (ready), no percentages.
+    assert [line["type"] for line in lines] == [
+        "data_progress",
+        "hyperparameters",
+        "metrics",
+        "metrics",
+        "done",
+    ]
+    assert lines[0]["fraction"] == 1.0 and lines[0]["n_examples"] == 10
     assert lines[-1]["adapter_dir"] == str((tmp_path / "adapter").resolve())
     assert (tmp_path / "adapter" / "manifest.json").is_file()
 

@@ -39,6 +39,8 @@ def spec_in(folder: Path, models_dir: Path, **overrides: object) -> TrainSpec:
         "n_examples": 12,
         "checkpoint_dir": str(folder / "ckpt"),
         "pause_file": str(folder / "pause"),
+        # The run's tokenized data: a resumed or paused run reuses it (a cache hit).
+        "data_dir": str(folder / "data"),
         "hyperparameters": AUTO,
     }
     fields.update(overrides)
@@ -122,7 +124,8 @@ def test_pause_then_resume_with_resolved_hyperparameters_is_exact(
     )
     second: list[dict] = []
     train(resolved, second.append)
-    assert second[1] == {
+    assert second[0]["type"] == "data_progress" and second[0]["cached"]  # the first run's data, reused
+    assert second[2] == {
         "type": "resumed",
         "step": 5,
         "epoch": 2,
@@ -155,7 +158,8 @@ def test_crash_resumes_from_the_last_epoch_checkpoint_exactly(
         train(spec, crash_at_step_8)
     second: list[dict] = []
     train(spec, second.append)
-    assert second[1]["type"] == "resumed" and second[1]["step"] == 6 and second[1]["kind"] == "epoch"
+    assert second[0]["type"] == "data_progress" and second[0]["cached"]
+    assert second[2]["type"] == "resumed" and second[2]["step"] == 6 and second[2]["kind"] == "epoch"
     assert sorted(losses(second)) == list(range(7, 13))
     assert {**losses(first), **losses(second)} == losses(ref_events)  # steps 7-8 re-run identically
     assert same_weights(weights(spec.output_dir), weights(ref_spec.output_dir))
@@ -201,7 +205,10 @@ def test_trainer_dies_with_its_parent(tmp_path: Path, models_dir: Path) -> None:
         f"p = subprocess.Popen([sys.executable, '-m', 'loraforge.trainer', {str(spec_path)!r}], env=env,\n"
         "                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)\n"
         "print(p.pid, flush=True)\n"
-        "print(p.stdout.readline().decode(), end='', flush=True)\n"
+        "line = p.stdout.readline()\n"
+        "while b'data_progress' in line:\n"
+        "    line = p.stdout.readline()\n"
+        "print(line.decode(), end='', flush=True)\n"
         "time.sleep(600)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", parent_code], env=env, stdout=subprocess.PIPE, text=True)
@@ -252,9 +259,11 @@ def test_a_second_trainer_of_the_same_run_waits_for_the_first(tmp_path: Path, mo
         assert second.poll() is None  # blocked on the lock, not training
         first.kill()
         first.wait(10)
-        lines = [json.loads(second.stdout.readline()) for _ in range(2)]
-        assert lines[0]["type"] == "hyperparameters"
-        assert lines[1]["type"] == "resumed" and lines[1]["step"] >= 12  # from the first one's checkpoint
+        lines = [json.loads(second.stdout.readline()) for _ in range(3)]
+        # The data the first run prepared is reused (same data directory), then it resumes.
+        assert lines[0]["type"] == "data_progress" and lines[0]["cached"] is True
+        assert lines[1]["type"] == "hyperparameters"
+        assert lines[2]["type"] == "resumed" and lines[2]["step"] >= 12  # from the first one's checkpoint
     finally:
         for proc in (first, second):
             if proc is not None and proc.poll() is None:

@@ -142,6 +142,9 @@ def remove_adapter_files(settings: Settings, deleted: DeletedModels) -> None:
             log.warning("not removing %s of %s: outside the adapter store", raw, deleted.id)
     if deleted.fine_tuned:  # the job's models are all gone
         drop_cached_exports(settings, deleted.job_id)
+        # The job's tokenized training data, if a run left it here (``worker/artefacts.py``'s
+        # ``data_dir``; the worker drops it when the job ends, this catches an interrupted one).
+        shutil.rmtree(settings.runs_dir / deleted.job_id / "data", ignore_errors=True)
     else:
         prefix = archive_root(deleted.id)
         shutil.rmtree(settings.exports_dir / deleted.job_id / prefix, ignore_errors=True)

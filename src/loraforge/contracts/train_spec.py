@@ -158,6 +158,11 @@ class TrainSpec(BaseModel):
     init_adapter: str | None = None
     # The memory plan (strategy, micro-batch token budget, recompute); see TrainPlan.
     plan: TrainPlan = Field(default_factory=TrainPlan)
+    # Where the tokenized data is cached (Arrow, keyed by file, tokenizer, template, length and
+    # method) so a resumed run reuses it; None: a temporary directory removed after the run.
+    data_dir: str | None = None
+    # Processes that tokenize the files (0: one per CPU this process may use).
+    data_num_proc: int = Field(default=0, ge=0)
     # "supervised": chat files, cross-entropy on assistant tokens; "dpo": preference files, the
     # DPO loss against the starting model (trainer/dpo.py), with ``dpo_beta`` (OpenAI: (0, 2]).
     method: Literal["supervised", "dpo"] = "supervised"
@@ -198,6 +203,8 @@ class TrainSpec(BaseModel):
             "keep_checkpoints",
             "pause_file",
             "eval_every",
+            "data_dir",
+            "data_num_proc",
             # How the math is laid out on the device, not what it computes.
             "plan",
         }

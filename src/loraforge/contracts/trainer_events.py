@@ -5,6 +5,8 @@ as one line (:meth:`to_line`). The worker reads each line back with :func:`parse
 dispatches on the model's class. The wire format is plain JSON, one object per line, with
 ``type`` naming the event:
 
+* ``data_progress`` while the training file is prepared (share done, estimated seconds left),
+  and once when it is ready;
 * ``hyperparameters`` once, before training (the resolved OpenAI trio and the schedule);
 * ``resumed`` when the run continues from a checkpoint (crash recovery, resume after pause);
 * ``metrics`` every ``log_every`` steps, on the last step and whenever validation ran;
@@ -238,6 +240,21 @@ class PausedEvent(_Event):
     checkpoint: str | None
 
 
+class DataProgressEvent(_Event):
+    """Before the first step, while the training file is tokenized (and once when it is ready)."""
+
+    type: Literal["data_progress"] = "data_progress"
+    # Share of the file prepared, 0..1 (1: ready).
+    fraction: float
+    elapsed_s: float
+    # Estimated seconds until the data is ready (then the model loads and the first step runs).
+    eta_s: float
+    # Examples in the file: set on the last event (fraction 1) only.
+    n_examples: int | None = None
+    # Prepared by an earlier run of this job (a resume): nothing was tokenized.
+    cached: bool = False
+
+
 class ErrorEvent(_Event):
     """The last line of a failed run, with an OpenAI-style error code."""
 
@@ -251,7 +268,8 @@ class ErrorEvent(_Event):
 
 
 TrainerEvent = Annotated[
-    HyperparametersEvent
+    DataProgressEvent
+    | HyperparametersEvent
     | ResumedEvent
     | MetricsEvent
     | CheckpointEvent

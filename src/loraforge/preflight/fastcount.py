@@ -145,6 +145,9 @@ class FastCounter:
         self._added = re.compile(f"({alternatives})") if alternatives else None
         self._counts = _Counts(self._model)
         self._small: dict[str, int] = {}
+        # For encode(): the ids of each distinct pre-token, and of the added tokens.
+        self._ids: dict[str, tuple[int, ...]] = {}
+        self._added_ids = {t: tokenizer.token_to_id(t) for t in added}
 
     def _count(self, piece: str) -> int:
         """Tokens in a piece of text that holds no added token."""
@@ -219,7 +222,7 @@ class FastCounter:
 
         Returns:
             ``(n_tokens, ranges)``: ranges are ``[first, last]`` runs of tokens that overlap a span
-            (transformers' ``assistant_masks``), as :func:`~loraforge.preflight.tokens._token_ranges`
+            (transformers' ``assistant_masks``), as :func:`~loraforge.preflight.tokens.token_ranges`
             computes them from a full encoding.
         """
         parts = self._added.split(text) if self._added is not None else [text]
@@ -255,6 +258,86 @@ class FastCounter:
                     marked.append([n, n + k - 1])
             n += k
         return n, marked
+
+    def _piece_ids(self, piece: str) -> tuple[int, ...]:
+        """The token ids BPE makes of one pre-token (cached)."""
+        ids = self._ids.get(piece)
+        if ids is None:
+            if len(self._ids) >= CACHE_LIMIT:
+                self._ids.clear()
+            mapped = "".join(_BYTE_CHARS[b] for b in piece.encode("utf-8"))
+            ids = self._ids[piece] = tuple(token.id for token in self._model.tokenize(mapped))
+        return ids
+
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of a piece of text that holds no added token."""
+        split = self._ascii_split if self._ascii_split is not None and text.isascii() else self._split
+        out: list[int] = []
+        for piece in split.findall(text):
+            out += self._piece_ids(piece)
+        return out
+
+    def _cut_unit_ids(
+        self, text: str, start: int, end: int, cuts: list[int]
+    ) -> list[tuple[int, int, list[int]]]:
+        """:meth:`_cut_units` with each unit's token ids instead of its count."""
+        units: list[tuple[int, int, list[int]]] = []
+        pos, last_cut = start, cuts[-1]
+        for m in self._split.finditer(text, start, end):
+            ws, we = m.span()
+            if any(ws < c < we for c in cuts):
+                ids = self._piece_ids(m.group())
+                spans = self._token_chars(m.group())
+                units.extend((ws + a, ws + b, [i]) for (a, b), i in zip(spans, ids, strict=True))
+            else:
+                units.append((ws, we, list(self._piece_ids(m.group()))))
+            pos = we
+            if we >= last_cut:
+                break
+        if pos < end:
+            units.append((pos, end, self._text_ids(text[pos:end])))
+        return units
+
+    def encode(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[list[int]]]:
+        """The token ids of ``text`` and the token ranges its generation spans overlap.
+
+        The same walk as :meth:`measure`, keeping ids: what ``Tokenizer.encode(text,
+        add_special_tokens=False)`` gives for the supported tokenizers, without building offsets
+        for every token. Callers check a sample against the full tokenizer, as the counter does.
+
+        Args:
+            text: the rendered chat.
+            spans: ``[start, end)`` character spans of its generation blocks, in order.
+
+        Returns:
+            ``(ids, ranges)``; ranges as :meth:`measure` returns them.
+        """
+        parts = self._added.split(text) if self._added is not None else [text]
+        cuts = sorted({p for span in spans for p in span})
+        n_cuts = len(cuts)
+        ids: list[int] = []
+        marked: list[list[int]] = []
+        pos = span_idx = cut_idx = 0
+        for i, part in enumerate(parts):
+            if not part:
+                continue
+            start = pos
+            pos += len(part)
+            if i & 1:  # an added token
+                units = [(start, pos, [self._added_ids[part]])]
+            else:
+                while cut_idx < n_cuts and cuts[cut_idx] <= start:
+                    cut_idx += 1
+                if cut_idx < n_cuts and cuts[cut_idx] < pos:  # a span edge inside: unit by unit
+                    inner = [c for c in cuts[cut_idx:] if c < pos]
+                    cut_idx += len(inner)
+                    units = self._cut_unit_ids(text, start, pos, inner)
+                else:
+                    units = [(start, pos, self._text_ids(part))]
+            for u_start, u_end, u_ids in units:
+                span_idx = self._mark(marked, spans, span_idx, u_start, u_end, len(ids), len(u_ids))
+                ids += u_ids
+        return ids, marked
 
 
 def fast_counter_for(tokenizer: Any) -> FastCounter | None:

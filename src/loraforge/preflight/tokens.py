@@ -56,7 +56,7 @@ def _token_ranges_by_offsets(offsets: list[tuple[int, int]], spans: list[tuple[i
     return [ranges[k] for k in sorted(ranges)]
 
 
-def _token_ranges(encoding: Any, spans: list[tuple[int, int]]) -> list[list[int]]:
+def token_ranges(encoding: Any, spans: list[tuple[int, int]]) -> list[list[int]]:
     """Like :func:`_token_ranges_by_offsets`, touching only the tokens at span edges (fast path)."""
     n = len(encoding)
     out: list[list[int]] = []
@@ -75,7 +75,7 @@ def _token_ranges(encoding: Any, spans: list[tuple[int, int]]) -> list[list[int]
     return out
 
 
-def _runs(ranges: list[list[int]]) -> list[list[int]]:
+def merge_runs(ranges: list[list[int]]) -> list[list[int]]:
     """Merge touching token ranges: the trainer sees runs of consecutive masked tokens."""
     runs: list[list[int]] = []
     for first, last in ranges:
@@ -142,10 +142,10 @@ class TokenCounter:
     def _measure(
         self, encoding: Any, spans: list[tuple[int, int]], messages: list[dict[str, Any]]
     ) -> ExampleTokens:
-        return self._tally(len(encoding), _token_ranges(encoding, spans), messages)
+        return self._tally(len(encoding), token_ranges(encoding, spans), messages)
 
     def _tally(self, length: int, ranges: list[list[int]], messages: list[dict[str, Any]]) -> ExampleTokens:
-        runs = _runs(ranges)
+        runs = merge_runs(ranges)
         weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
         cut = self.max_seq_length
         trained = before = 0
@@ -166,7 +166,7 @@ class TokenCounter:
         self._seen += 1
         if self._seen <= VERIFY_FIRST or self._seen % VERIFY_EVERY == 0:
             exact = self.tokenizer.encode(text, add_special_tokens=False)
-            if len(exact) != length or _runs(_token_ranges(exact, spans)) != _runs(ranges):
+            if len(exact) != length or merge_runs(token_ranges(exact, spans)) != merge_runs(ranges):
                 log.warning("fast token count differs from the tokenizer's; using the tokenizer from now on")
                 self.fast = None
                 return self._measure(exact, spans, messages)

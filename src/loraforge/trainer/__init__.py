@@ -2,9 +2,9 @@
 
 ``python -m loraforge.trainer SPEC.json`` reads a :class:`~loraforge.contracts.train_spec.TrainSpec`
 and prints one JSON line per :mod:`loraforge.contracts.trainer_events` event on stdout
-(``hyperparameters``, ``resumed``, ``metrics``, ``checkpoint``, then ``done``, ``paused`` or
-``error``; the shapes are the models there). Everything else goes to stderr. The worker starts it
-as :mod:`loraforge.contracts.trainer_launch` says.
+(``data_progress``, ``hyperparameters``, ``resumed``, ``metrics``, ``checkpoint``, then ``done``,
+``paused`` or ``error``; the shapes are the models there). Everything else goes to stderr. The
+worker starts it as :mod:`loraforge.contracts.trainer_launch` says.
 
 Exit codes: 0 done or paused, 2 invalid training data (``invalid_training_file``/
 ``invalid_n_examples``), 1 any other error (``training_error``), 143 stopped by SIGTERM (no
@@ -16,8 +16,11 @@ The modules, in the order a run uses them:
   holds the run's lock, maps failures to the ``error`` event and the exit code.
 * ``recipe``: ``train(spec, emit)``, the recipe read top to bottom: ``setup`` (``_setup_data``,
   ``_setup_model``, ``_setup_optimizer``), the loop, ``save``, ``cleanup``.
-* ``data``: chat JSONL -> validated messages -> tokenized examples with assistant-only labels;
-  :class:`TrainingDataError` (the ``error`` event of a bad file).
+* ``data``: chat JSONL -> validated messages -> tokenized examples with assistant-only labels
+  (the definitions the pre-flight shares); :class:`TrainingDataError` (the ``error`` event of a
+  bad file).
+* ``dataset``: the file prepared as memory-mapped Arrow (batched tokenization in ``num_proc``
+  processes), cached with the run so a resume reuses it; :class:`~.dataset.ArrowExamples`.
 * ``device_setup`` (with ``kernels``, ``recompute``): device, dtype, attention, QLoRA, Liger
   kernels, activation recompute of the first k layers, compile, the optimizer.
 * ``start``: where the LoRA weights start: this spec's newest checkpoint (``checkpointer``),

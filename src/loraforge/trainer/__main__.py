@@ -32,7 +32,7 @@ from typing import Any, TextIO
 from loraforge.contracts.train_spec import TrainSpec, load_spec
 from loraforge.contracts.trainer_events import Emit, ErrorEvent, TrainerEvent
 from loraforge.contracts.trainer_launch import PARENT_PID_ENV
-from loraforge.trainer.data import TrainingDataError, read_chat_jsonl
+from loraforge.trainer.data import TrainingDataError
 from loraforge.trainer.dpo_data import read_preference_jsonl
 
 logger = logging.getLogger("loraforge.trainer")
@@ -185,11 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec)
         lock = _hold_run_lock(spec)  # noqa: F841 - held (open) until the process exits
-        # Fail fast on a bad file, before the seconds-long torch/transformers import.
+        # A bad chat file fails in setup, before the model loads (the file is read once, in
+        # parts); a preference file (DPO, read whole) is checked here, before the torch import.
         if spec.method == "dpo":
             read_preference_jsonl(spec.training_file)
-        else:
-            read_chat_jsonl(spec.training_file)
         from loraforge.trainer.recipe import train  # torch & co. load only after the env is set
 
         train(spec, emit)

@@ -7,16 +7,23 @@ imports torch lazily, so the API can reuse :func:`read_chat_jsonl` without loadi
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from loraforge.catalog.tool_calls import template_tool_calls, tool_format
+import jinja2
+
 from loraforge.contracts.trainer_events import ErrorEvent
+from loraforge.preflight.chat import check_chat_line
+from loraforge.preflight.fastcount import FastCounter, fast_counter_for
+from loraforge.preflight.template import ChatTemplate, compile_template
+from loraforge.preflight.tokens import VERIFY_EVERY, VERIFY_FIRST, merge_runs, token_ranges
+
+log = logging.getLogger(__name__)
 
 MIN_TRAINING_EXAMPLES = 10
 IGNORE_INDEX = -100
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
 
 class TrainingDataError(ValueError):
@@ -52,77 +59,33 @@ class TokenizedExample:
         return sum(1 for label in self.labels if label != IGNORE_INDEX)
 
 
-def _flatten_content(content: Any, where: str) -> str:
-    """A message's content as one string: a string, or the texts of ``{"type": "text"}`` parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not (
-                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            ):
-                raise ValueError(f"{where}: only text content parts are supported")
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise ValueError(f"{where}: content must be a string or a list of text parts")
+def _validate_example(obj: Any) -> dict[str, Any]:
+    """One JSONL record normalised to ``{"messages": [...], "tools": [...] | None}``, or ValueError.
 
-
-def _validate_messages(obj: Any) -> list[dict[str, Any]]:
-    """Normalise one JSONL record to ``[{"role", "content": str, "weight"?}]`` or raise ValueError.
-
-    An assistant message's ``tool_calls`` are kept with their arguments parsed (its content may
-    then be null), and a tool message's ``tool_call_id``: the chat template renders them.
+    A valid example is what the pre-flight accepts (:func:`loraforge.preflight.chat.check_chat_line`,
+    the one definition both use); the error names the first defect's JSON path. Messages are
+    ``{"role", "content": str, "weight"?, "tool_calls"?, "tool_call_id"?}``: content flattened,
+    tool-call arguments parsed, as the chat template renders them.
     """
     if not isinstance(obj, dict):
         raise ValueError("each line must be a JSON object")
-    messages = obj.get("messages")
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(obj.get("messages"), list) or not obj["messages"]:
         raise ValueError('"messages" must be a non-empty list')
-    out = []
-    for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, dict):
-            raise ValueError(f"{where} must be an object")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise ValueError(f"{where}: role must be one of {sorted(ROLES)}, got {role!r}")
-        calls = msg.get("tool_calls") if role == "assistant" else None
-        content = msg.get("content")
-        norm: dict[str, Any] = {
-            "role": role,
-            "content": "" if calls and content is None else _flatten_content(content, where),
-        }
-        if calls:
-            norm["tool_calls"] = _tool_calls(calls, where)
-        if role == "tool" and isinstance(msg.get("tool_call_id"), str):
-            norm["tool_call_id"] = msg["tool_call_id"]
-        if "weight" in msg:
-            if role != "assistant":
-                raise ValueError(f"{where}: weight is only allowed on assistant messages")
-            if msg["weight"] not in (0, 1) or isinstance(msg["weight"], bool):
-                raise ValueError(f"{where}: weight must be 0 or 1")
-            norm["weight"] = int(msg["weight"])
-        out.append(norm)
-    if not any(m["role"] == "assistant" for m in out):
-        raise ValueError("each example must contain at least one assistant message")
-    return out
+    errors: list[str] = []
+
+    def add(code: str, message: str, path: str) -> None:
+        errors.append(f"{path}: {message}" if path else message)
+
+    example = check_chat_line(obj, add, lambda code, message, path: None)
+    if example is None or errors:
+        raise ValueError(errors[0] if errors else "invalid example")
+    return {"messages": example.messages, "tools": example.tools or None}
 
 
-def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
-    try:
-        return template_tool_calls(calls)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ValueError(
-            f"{where}.tool_calls: each call needs a function name and arguments holding a JSON object"
-        ) from exc
-
-
-def _validate_example(obj: Any) -> dict[str, Any]:
-    """One JSONL record normalised: ``{"messages": [...], "tools": [...] | None}``."""
-    messages = _validate_messages(obj)
-    tools = obj.get("tools")
-    return {"messages": messages, "tools": tools if isinstance(tools, list) and tools else None}
+def _validate_messages(obj: Any) -> list[dict[str, Any]]:
+    """The normalised messages of one record (see :func:`_validate_example`)."""
+    messages: list[dict[str, Any]] = _validate_example(obj)["messages"]
+    return messages
 
 
 def read_chat_jsonl(
@@ -167,31 +130,146 @@ def read_chat_jsonl(
     return examples
 
 
-def _runs(mask: list[int]) -> list[tuple[int, int]]:
-    """``[start, end)`` spans of consecutive 1s in ``mask``."""
-    spans, start = [], None
-    for i, bit in enumerate([*mask, 0]):
-        if bit and start is None:
-            start = i
-        elif not bit and start is not None:
-            spans.append((start, i))
-            start = None
-    return spans
+def chat_template_for(tokenizer: Any) -> ChatTemplate:
+    """The tokenizer's chat template compiled as the pre-flight compiles it (Jinja, no transformers).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with the catalog chat template.
+
+    Returns:
+        The compiled template, with the special-token variables ``apply_chat_template`` passes.
+    """
+    special = tuple(sorted((k, v) for k, v in tokenizer.special_tokens_map.items() if isinstance(v, str)))
+    return compile_template(tokenizer.chat_template, special)
+
+
+def _backend(tokenizer: Any) -> Any:
+    """The ``tokenizers`` object of a fast tokenizer (the one that encodes)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError("the trainer needs a fast (tokenizers-backed) tokenizer")
+    return backend
+
+
+class _Encoder:
+    """Rendered chats -> (ids, assistant token runs): the pre-flight's pre-token cache where the
+    tokenizer allows it (:meth:`FastCounter.encode`), checked against the full tokenizer on the
+    first examples and then every Nth, and given up for good on any difference."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.fast: FastCounter | None = fast_counter_for(backend)
+        self.seen = 0
+
+    def encode(
+        self, texts: list[str], spans: list[list[tuple[int, int]]]
+    ) -> list[tuple[list[int], list[list[int]]]]:
+        if self.fast is None:
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False) if texts else []
+            return [(list(e.ids), token_ranges(e, s)) for e, s in zip(encodings, spans, strict=True)]
+        out = []
+        for text, text_spans in zip(texts, spans, strict=True):
+            ids, ranges = self.fast.encode(text, text_spans)
+            self.seen += 1
+            if self.seen <= VERIFY_FIRST or self.seen % VERIFY_EVERY == 0:
+                exact = self.backend.encode(text, add_special_tokens=False)
+                truth = (list(exact.ids), merge_runs(token_ranges(exact, text_spans)))
+                if (ids, merge_runs(ranges)) != truth:
+                    log.warning("pre-token ids differ from the tokenizer's; using the tokenizer from now on")
+                    self.fast = None
+                    return out + self.encode(texts[len(out) :], spans[len(out) :])
+            out.append((ids, ranges))
+        return out
+
+
+# One encoder per tokenizer object (kept alive here, so its id is never reused).
+_ENCODERS: dict[int, tuple[Any, _Encoder]] = {}
+
+
+def _encoder(tokenizer: Any) -> _Encoder:
+    backend = _backend(tokenizer)
+    found = _ENCODERS.get(id(backend))
+    if found is None:
+        if len(_ENCODERS) >= 8:
+            _ENCODERS.clear()
+        found = _ENCODERS[id(backend)] = (backend, _Encoder(backend))
+    return found[1]
+
+
+def tokenize_batch(
+    tokenizer: Any,
+    examples: list[dict[str, Any]] | list[list[dict[str, Any]]],
+    max_seq_length: int | None = None,
+    template: ChatTemplate | None = None,
+) -> list[TokenizedExample]:
+    """Template and tokenize conversations; label only the assistant turns that are trained.
+
+    The rendered tokens are defined once, with the pre-flight: the chat template rendered by
+    :class:`~loraforge.preflight.template.ChatTemplate`, whose ``{% generation %}`` spans are the
+    assistant content (or its tool calls) plus its end-of-turn token; the text encoded by the fast
+    tokenizer (no special tokens added, as ``apply_chat_template`` encodes; through the pre-flight's
+    pre-token cache where the tokenizer allows, checked against the full encoding); the spans
+    mapped to tokens by overlap (:func:`~loraforge.preflight.tokens.token_ranges`, what
+    ``return_assistant_tokens_mask`` does). The k-th run of marked tokens is the k-th assistant
+    message; a message with ``"weight": 0`` is not labelled. Sequences longer than
+    ``max_seq_length`` lose their end.
+
+    Args:
+        tokenizer: a Hugging Face fast tokenizer with the catalog chat template.
+        examples: records from :func:`read_chat_jsonl` (or just their messages).
+        max_seq_length: keep at most this many tokens (None: no limit).
+        template: the compiled chat template (default: :func:`chat_template_for` the tokenizer).
+
+    Returns:
+        The examples' ``input_ids`` and ``labels`` (-100 where no loss is taken), in order.
+
+    Raises:
+        ValueError: the template refuses an example, its assistant spans do not line up with the
+            assistant messages, or the example has tools but the template declares no tool-call
+            format.
+    """
+    template = template or chat_template_for(tokenizer)
+    texts, all_spans, all_weights = [], [], []
+    for example in examples:
+        messages, tools = (
+            (example, None) if isinstance(example, list) else (example["messages"], example["tools"])
+        )
+        if (tools or any("tool_calls" in m for m in messages)) and template.tool_format is None:
+            raise ValueError("the chat template declares no tool-call format: it cannot render tools")
+        chat = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
+        try:
+            text, spans = template.render(chat, tools)
+        except jinja2.TemplateError as exc:
+            raise ValueError(f"the base model's chat template refused it: {exc}") from exc
+        texts.append(text)
+        all_spans.append(spans)
+        all_weights.append([m.get("weight", 1) for m in messages if m["role"] == "assistant"])
+    out = []
+    encoded = _encoder(tokenizer).encode(texts, all_spans)
+    for (ids, ranges), weights in zip(encoded, all_weights, strict=True):
+        runs = merge_runs(ranges)
+        if len(runs) != len(weights):
+            raise ValueError(
+                f"chat template marked {len(runs)} assistant span(s) for {len(weights)} assistant "
+                "message(s); it must wrap each assistant turn in {% generation %}"
+            )
+        labels = [IGNORE_INDEX] * len(ids)
+        for (first, last), weight in zip(runs, weights, strict=True):
+            if weight:
+                labels[first : last + 1] = ids[first : last + 1]
+        if max_seq_length is not None:
+            ids, labels = ids[:max_seq_length], labels[:max_seq_length]
+        out.append(TokenizedExample(input_ids=ids, labels=labels))
+    return out
 
 
 def tokenize_example(
     tokenizer: Any, example: dict[str, Any] | list[dict[str, Any]], max_seq_length: int | None = None
 ) -> TokenizedExample:
-    """Template and tokenize one conversation; label only the assistant turns that are trained.
-
-    The chat template wraps each assistant turn in ``{% generation %}``, so
-    ``return_assistant_tokens_mask`` marks exactly the assistant content (or its tool calls) plus
-    its end-of-turn token, never tool definitions, tool results or prompts. The k-th contiguous
-    run of 1s is the k-th assistant message; a message with ``"weight": 0`` has its run cleared.
-    Sequences longer than ``max_seq_length`` lose their end.
+    """:func:`tokenize_batch` of one conversation (a record or just its messages).
 
     Args:
-        tokenizer: a Hugging Face tokenizer with the catalog chat template.
+        tokenizer: a Hugging Face fast tokenizer with the catalog chat template.
         example: one record from :func:`read_chat_jsonl` (or just its messages).
         max_seq_length: keep at most this many tokens (None: no limit).
 
@@ -199,35 +277,9 @@ def tokenize_example(
         The example's ``input_ids`` and ``labels`` (-100 where no loss is taken).
 
     Raises:
-        ValueError: the template's assistant mask does not line up with the assistant messages, or
-            the example has tools but the template declares no tool-call format.
+        ValueError: as :func:`tokenize_batch`.
     """
-    messages, tools = (
-        (example, None) if isinstance(example, list) else (example["messages"], example["tools"])
-    )
-    if (tools or any("tool_calls" in m for m in messages)) and tool_format(tokenizer.chat_template) is None:
-        raise ValueError("the chat template declares no tool-call format: it cannot render tools")
-    chat = [{k: v for k, v in m.items() if k != "weight"} for m in messages]
-    enc = tokenizer.apply_chat_template(
-        chat, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    ids, mask = list(enc["input_ids"]), list(enc["assistant_masks"])
-    if ids and isinstance(ids[0], list):  # some tokenizers return a batch of one
-        ids, mask = ids[0], mask[0]
-    weights = [m.get("weight", 1) for m in messages if m["role"] == "assistant"]
-    spans = _runs(mask)
-    if len(spans) != len(weights):
-        raise ValueError(
-            f"chat template marked {len(spans)} assistant span(s) for {len(weights)} assistant "
-            "message(s); it must wrap each assistant turn in {% generation %}"
-        )
-    for (start, end), weight in zip(spans, weights, strict=True):
-        if weight == 0:
-            mask[start:end] = [0] * (end - start)
-    labels = [tok if bit else IGNORE_INDEX for tok, bit in zip(ids, mask, strict=True)]
-    if max_seq_length is not None:
-        ids, labels = ids[:max_seq_length], labels[:max_seq_length]
-    return TokenizedExample(input_ids=ids, labels=labels)
+    return tokenize_batch(tokenizer, [example], max_seq_length)[0]  # type: ignore[list-item]
 
 
 def tokenize_dataset(
@@ -235,17 +287,18 @@ def tokenize_dataset(
     examples: list[dict[str, Any]] | list[list[dict[str, Any]]],
     max_seq_length: int | None = None,
 ) -> list[TokenizedExample]:
-    """:func:`tokenize_example` over a whole file.
+    """:func:`tokenize_batch` over a whole list held in memory (small files, tests; the trainer
+    prepares files with :mod:`loraforge.trainer.dataset`).
 
     Args:
-        tokenizer: a Hugging Face tokenizer with the catalog chat template.
+        tokenizer: a Hugging Face fast tokenizer with the catalog chat template.
         examples: the output of :func:`read_chat_jsonl`.
         max_seq_length: keep at most this many tokens per example.
 
     Returns:
         The tokenized examples, in file order.
     """
-    return [tokenize_example(tokenizer, example, max_seq_length) for example in examples]
+    return tokenize_batch(tokenizer, examples, max_seq_length)
 
 
 def collate(examples: list[TokenizedExample], pad_token_id: int) -> dict[str, Any]:

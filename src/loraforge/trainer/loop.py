@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,15 @@ DONE = "done"
 PAUSED = "paused"
 
 
-def _batches(examples: list[Any], order: list[int], batch_size: int) -> list[list[Any]]:
-    return [[examples[i] for i in order[s : s + batch_size]] for s in range(0, len(order), batch_size)]
+def _rows(examples: Sequence[Any], indices: list[int]) -> list[Any]:
+    """The examples at ``indices``: one gather from the memory-mapped table, or a list lookup."""
+    take = getattr(examples, "take", None)
+    return list(take(indices)) if take is not None else [examples[i] for i in indices]
+
+
+def _batches(order: list[int], batch_size: int) -> list[list[int]]:
+    """The epoch's steps as row numbers; the rows are read only when their step runs."""
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def micro_batches(run: TrainingRun, examples: list[TokenizedExample]) -> list[MicroBatch]:
@@ -71,7 +79,7 @@ def _run_step(run: TrainingRun, examples: list[Any], *, train: bool) -> StepStat
     )
 
 
-def evaluate(run: TrainingRun, examples: list[Any] | None = None) -> dict[str, float]:
+def evaluate(run: TrainingRun, examples: Sequence[Any] | None = None) -> dict[str, float]:
     """Token-weighted loss and accuracy over ``examples`` (default: the validation sample).
 
     A DPO run's are weighted by pairs, and its reward metrics come as ``valid_rewards_*``.
@@ -83,13 +91,14 @@ def evaluate(run: TrainingRun, examples: list[Any] | None = None) -> dict[str, f
     Returns:
         ``{"valid_loss", "valid_mean_token_accuracy"}``.
     """
-    examples = run.data.valid_set[:VALID_SAMPLE] if examples is None else examples
+    if examples is None:
+        examples = _rows(run.data.valid_set, list(range(min(VALID_SAMPLE, len(run.data.valid_set)))))
     loss_total, correct_total, count_total = 0.0, 0.0, 0
     extra_total: dict[str, float] = {}
     run.model.peft.eval()
     with torch.no_grad():
-        for chunk in _batches(examples, list(range(len(examples))), run.data.hyperparameters.batch_size):
-            stats = _run_step(run, chunk, train=False)
+        for rows in _batches(list(range(len(examples))), run.data.hyperparameters.batch_size):
+            stats = _run_step(run, _rows(examples, rows), train=False)
             loss_total += stats.loss * stats.n_targets
             correct_total += stats.accuracy * stats.n_targets
             count_total += stats.n_targets
@@ -227,13 +236,13 @@ def train_loop(run: TrainingRun, emit: Emit) -> str:
     while pos.epoch <= hp.n_epochs:
         if pos.order is None:
             pos.order = torch.randperm(len(data.train_set), generator=generator).tolist()
-        batches = _batches(data.train_set, pos.order, hp.batch_size)
+        batches = _batches(pos.order, hp.batch_size)
         while pos.batch_index < len(batches):
             if _pause_requested(run):
                 if pos.step > 0 and pos.step != state.last_checkpoint_step:
                     _checkpoint(run, ckpt.PAUSE, generator, emit)
                 return PAUSED
-            _train_step(run, batches[pos.batch_index], params)
+            _train_step(run, _rows(data.train_set, batches[pos.batch_index]), params)
             pos.step += 1
             pos.batch_index += 1
             _validate(run, epoch_end=pos.batch_index == len(batches))

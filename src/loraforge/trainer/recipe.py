@@ -5,10 +5,11 @@ one process per GPU under ``accelerate launch`` for ``plan.strategy == "fsdp"``.
 mean cross-entropy over assistant tokens only (labels != -100); the same spec gives the same loss
 sequence on CPU (seeded LoRA init, seeded data order, no other randomness).
 
-Read top to bottom: :func:`setup` runs :func:`_setup_data` (read, validate and tokenize the
-files, resolve the hyperparameters), :func:`_setup_model` (device, base model, LoRA; from the
-newest checkpoint of this spec in ``spec.checkpoint_dir`` -- crash recovery, resume after pause --
-else ``spec.init_adapter`` -- continued fine-tuning -- else a fresh seeded LoRA init) and
+Read top to bottom: :func:`setup` runs :func:`_setup_data` (validate and tokenize the files into
+memory-mapped Arrow, cached in ``spec.data_dir`` by :mod:`.dataset`; resolve the
+hyperparameters), :func:`_setup_model` (device, base model, LoRA; from the newest checkpoint
+of this spec in ``spec.checkpoint_dir`` -- crash recovery, resume after pause -- else
+``spec.init_adapter`` -- continued fine-tuning -- else a fresh seeded LoRA init) and
 :func:`_setup_optimizer`, then puts back a checkpoint's optimizer and position; :func:`train`
 runs the loop (:mod:`loraforge.trainer.loop`), :func:`save` writes the adapter, :func:`cleanup`
 frees the accelerator. ``spec.plan`` decides the micro-batch layout (:mod:`.packing`), the loss
@@ -22,14 +23,16 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
 
 from loraforge.adapters.format import ADAPTER_CONFIG, MANIFEST, AdapterManifest, write_manifest
 from loraforge.catalog.catalog import load_catalog
@@ -37,6 +40,7 @@ from loraforge.catalog.loading import load_tokenizer
 from loraforge.contracts.hyperparams import resolve_hyperparameters, steps_per_epoch
 from loraforge.contracts.train_spec import TrainSpec
 from loraforge.contracts.trainer_events import (
+    DataProgressEvent,
     DoneEvent,
     Emit,
     HyperparametersEvent,
@@ -47,7 +51,8 @@ from loraforge.contracts.trainer_events import (
 from loraforge.trainer import checkpointer as ckpt
 from loraforge.trainer import distributed as dist
 from loraforge.trainer import dpo
-from loraforge.trainer.data import TrainingDataError, read_chat_jsonl, tokenize_dataset
+from loraforge.trainer.data import TrainingDataError
+from loraforge.trainer.dataset import ArrowExamples, prepare
 from loraforge.trainer.device_setup import compute_dtype, load_base, make_optimizer, prepare_for_training
 from loraforge.trainer.dpo_data import read_preference_jsonl, tokenize_pairs
 from loraforge.trainer.dpo_logps import SequenceLogps
@@ -78,13 +83,14 @@ def warmup_schedule(warmup_ratio: float, total_steps: int) -> Callable[[int], fl
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def setup(spec: TrainSpec) -> TrainingRun:
+def setup(spec: TrainSpec, emit: Emit | None = None) -> TrainingRun:
     """Phase 1: data, then model, then optimizer; positioned at a checkpoint of this spec if any.
 
     Data is validated before the model is loaded, so a bad file fails fast.
 
     Args:
         spec: the run's spec.
+        emit: receives ``data_progress`` events while the files are prepared (None: not reported).
 
     Returns:
         The prepared run.
@@ -95,7 +101,7 @@ def setup(spec: TrainSpec) -> TrainingRun:
     """
     if spec.torch_threads > 0:
         torch.set_num_threads(spec.torch_threads)
-    data = _setup_data(spec)
+    data = _setup_data(spec, emit)
     model = _setup_model(spec, data)
     run = TrainingRun(spec=spec, data=data, model=model, optim=_setup_optimizer(spec, data, model))
     if model.resume is not None:
@@ -105,17 +111,20 @@ def setup(spec: TrainSpec) -> TrainingRun:
     return run
 
 
-def _setup_data(spec: TrainSpec) -> RunData:
-    """Read and tokenize the files, resolve ``"auto"`` hyperparameters, count the steps."""
+def _setup_data(spec: TrainSpec, emit: Emit | None = None) -> RunData:
+    """Prepare the files (tokenized Arrow, cached in ``spec.data_dir``), resolve ``"auto"``
+    hyperparameters, count the steps."""
     catalog = load_catalog(Path(spec.models_config) if spec.models_config else None)
     entry = catalog.get(spec.base_model)
     if entry is None:
         raise ValueError(f"base model {spec.base_model!r} is not in the model catalog")
     tokenizer = load_tokenizer(entry, Path(spec.models_dir))
     max_len = min(spec.max_seq_length or entry.max_seq_length, entry.context_length)
-    train_set: list[Any]
-    valid_set: list[Any]
+    train_set: Sequence[Any]
+    valid_set: Sequence[Any]
+    scratch: Path | None = None
     if spec.method == "dpo":
+        # Preference pairs stay a list read whole (not on the Arrow pipeline yet).
         train_set = tokenize_pairs(tokenizer, read_preference_jsonl(spec.training_file), max_len, "train")
         valid_set = (
             tokenize_pairs(
@@ -127,16 +136,18 @@ def _setup_data(spec: TrainSpec) -> RunData:
             if spec.validation_file
             else []
         )
+        train_tokens = sum(ex.n_label_tokens for ex in train_set)
     else:
-        train_examples = read_chat_jsonl(spec.training_file)
-        valid_examples = (
-            read_chat_jsonl(spec.validation_file, param="validation_file", min_examples=1)
-            if spec.validation_file
-            else []
-        )
-        train_set = tokenize_dataset(tokenizer, train_examples, max_len)
-        valid_set = tokenize_dataset(tokenizer, valid_examples, max_len)
-    train_tokens = sum(ex.n_label_tokens for ex in train_set)
+        scratch = None if spec.data_dir else Path(tempfile.mkdtemp(prefix="loraforge-data-"))
+        cache_root = Path(spec.data_dir) if spec.data_dir else scratch
+        assert cache_root is not None
+        try:
+            arrow_train, valid_set = _prepare_files(spec, tokenizer, max_len, cache_root, emit)
+        except BaseException:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        train_set, train_tokens = arrow_train, arrow_train.n_label_tokens()
     if train_tokens == 0:
         raise TrainingDataError(
             "invalid_training_file",
@@ -161,7 +172,42 @@ def _setup_data(spec: TrainSpec) -> RunData:
         max_seq_length=max_len,
         total_steps=total_steps,
         train_tokens_per_epoch=train_tokens,
+        scratch=scratch,
     )
+
+
+def _prepare_files(
+    spec: TrainSpec, tokenizer: PreTrainedTokenizerBase, max_len: int, cache_root: Path, emit: Emit | None
+) -> tuple[ArrowExamples, ArrowExamples]:
+    """The training and validation files as memory-mapped examples (rank 0 prepares, others wait)."""
+    # Under `accelerate launch` torch.distributed is not up yet: the launcher's RANK says who we are.
+    follower = int(os.environ.get("RANK", "0") or 0) != 0
+
+    def progress(fraction: float, elapsed: float, left: float) -> None:
+        # A file prepared within a second needs no progress report, only the "ready" line.
+        if emit is not None and fraction < 1 and elapsed >= 1:
+            event = DataProgressEvent(
+                fraction=round(fraction, 4), elapsed_s=round(elapsed, 2), eta_s=round(left, 2)
+            )
+            emit(event)
+
+    common = {"method": "supervised", "num_proc": spec.data_num_proc or None, "wait_only": follower}
+    train = prepare(spec.training_file, tokenizer, max_len, cache_root, progress=progress, **common)
+    if emit is not None:
+        emit(
+            DataProgressEvent(
+                fraction=1.0,
+                elapsed_s=round(train.seconds, 2),
+                eta_s=0.0,
+                n_examples=len(train.examples),
+                cached=train.cached,
+            )
+        )
+    if not spec.validation_file:
+        return train.examples, ArrowExamples.empty()
+    file = spec.validation_file
+    valid = prepare(file, tokenizer, max_len, cache_root, param="validation_file", min_examples=1, **common)
+    return train.examples, valid.examples
 
 
 def _resolve_device(device: str) -> str:
@@ -258,7 +304,7 @@ def train(spec: TrainSpec, emit: Emit) -> AdapterManifest | None:
     Raises:
         TrainingDataError: the training or validation file is invalid.
     """
-    run = setup(spec)
+    run = setup(spec, emit)
     data, resumed = run.data, run.model.resume
     try:
         hp = data.hyperparameters
@@ -372,3 +418,5 @@ def cleanup(run: TrainingRun) -> None:
         run: the finished (or failed) run.
     """
     run.model.accelerator.free_memory()
+    if run.data.scratch is not None:
+        shutil.rmtree(run.data.scratch, ignore_errors=True)

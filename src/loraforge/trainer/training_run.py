@@ -9,7 +9,9 @@ advances the run's :class:`LoopState`: the data position, the metrics, the last 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,14 +32,18 @@ class RunData:
 
     entry: BaseModelEntry
     tokenizer: PreTrainedTokenizerBase
-    train_set: list[Any]  # list[TokenizedExample] (supervised) or list[PreferencePair] (DPO)
-    valid_set: list[Any]
+    # Supervised: memory-mapped rows (:class:`~loraforge.trainer.dataset.ArrowExamples`), in file
+    # order; DPO: a list of ``PreferencePair`` (trainer/dpo_data.py).
+    train_set: Sequence[Any]
+    valid_set: Sequence[Any]
     hyperparameters: ResolvedHyperparameters
     # Longest example kept, in tokens (the spec's or the catalog's, within the context length).
     max_seq_length: int
     total_steps: int
     # Assistant tokens the loss is computed on in one epoch.
     train_tokens_per_epoch: int
+    # A temporary data directory removed after the run (spec.data_dir unset); None: kept.
+    scratch: Path | None = None
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """Where a job's files live on a worker, and how a cancelled job's are removed.
 
-``{runs_dir}/{job_id}/``: ``spec.json``, ``trainer.log``, ``pause`` (the pause request) and
-``checkpoints/step-NNNNNNN/`` (servable adapter + training state); the final adapter is written
+``{runs_dir}/{job_id}/``: ``spec.json``, ``trainer.log``, ``pause`` (the pause request),
+``checkpoints/step-NNNNNNN/`` (servable adapter + training state) and ``data/`` (the tokenized
+training data, memory-mapped Arrow, reused by a resumed run; removed once the job is over); the
+final adapter is written
 to ``{adapters_dir}/{job_id}``. These are this machine's working copies: every checkpoint and the
 adapter are uploaded to the blob store (``worker/store_sync.py``), which is what another machine
 resumes from and what engines load.
@@ -26,6 +28,7 @@ from loraforge.storage import adapter_key, checkpoints_prefix, open_store
 from loraforge.storage.sealed import delete_dir
 
 CHECKPOINTS = "checkpoints"
+DATA = "data"
 PAUSE_FILE = "pause"
 # Files of a checkpoint directory (``trainer/checkpointer.py`` writes them).
 TRAINER_STATE = "trainer_state.pt"
@@ -43,10 +46,17 @@ def checkpoint_dir(settings: Settings, job_id: str) -> Path:
     return run_dir(settings, job_id) / CHECKPOINTS
 
 
+def data_dir(settings: Settings, job_id: str) -> Path:
+    """Where the trainer caches the job's tokenized data (what a resumed run reuses)."""
+    return run_dir(settings, job_id) / DATA
+
+
 def strip_training_state(settings: Settings, job_id: str) -> None:
-    """Drop the optimizer/RNG state of a finished job's checkpoints; the adapters stay servable."""
+    """Drop what only a resume needs from a finished job: the optimizer/RNG state of its
+    checkpoints (the adapters stay servable) and its tokenized data."""
     for state in checkpoint_dir(settings, job_id).glob(f"step-*/{TRAINER_STATE}"):
         state.unlink(missing_ok=True)
+    shutil.rmtree(data_dir(settings, job_id), ignore_errors=True)
 
 
 def remove_job_artefacts(settings: Settings, sessions: sessionmaker[Session], job_id: str) -> None:
@@ -72,6 +82,7 @@ def remove_job_artefacts(settings: Settings, sessions: sessionmaker[Session], jo
     delete_dir(store, adapter_key(job_id))  # the seal first: no reader trusts a half-deleted one
     store.delete_prefix(checkpoints_prefix(job_id))
     shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(data_dir(settings, job_id), ignore_errors=True)
     shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
     (run_dir(settings, job_id) / PAUSE_FILE).unlink(missing_ok=True)
     if base and names:

@@ -95,6 +95,7 @@ def build_spec(settings: Settings, session: Session, job: Job, run_dir: Path) ->
         "torch_threads": settings.torch_threads,
         # Crash recovery and pause: the trainer checkpoints here and resumes from the newest one.
         "checkpoint_dir": str(artefacts.checkpoint_dir(settings, job.id)),
+        "data_dir": str(artefacts.data_dir(settings, job.id)),
         "pause_file": str(run_dir / artefacts.PAUSE_FILE),
         "eval_every": settings.eval_every_steps,
         "init_adapter": _init_adapter(settings, session, job),

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from loraforge.contracts.trainer_events import (
     CheckpointEvent,
+    DataProgressEvent,
     DoneEvent,
     ErrorEvent,
     HyperparametersEvent,
@@ -55,6 +56,8 @@ class RunProgress:
         self.sessions = sessions
         self.job_id = job_id
         self.started = time.monotonic()
+        # Share of the data prepared when the last "Preparing data" event was written.
+        self._data_reported = -1.0
         self.total_steps = 0
         # The step this run started from (a checkpoint's), for the time-per-step estimate.
         self.start_step = 0
@@ -82,6 +85,8 @@ class RunProgress:
         if self.wandb is not None:
             self.wandb.send(event)
         match event:
+            case DataProgressEvent():
+                self._on_data_progress(event)
             case HyperparametersEvent():
                 self._on_hyperparameters(event)
             case ResumedEvent():
@@ -128,6 +133,28 @@ class RunProgress:
                 + ", ".join(f"{k}={v}" for k, v in resolved.items())
                 + f" ({self.total_steps} steps)",
             )
+
+    def _on_data_progress(self, event: DataProgressEvent) -> None:
+        """An event every 10% of the file (and when it is ready); ``estimated_finish`` at the data's
+        estimate until the first step. The time per step is measured from when the data is ready."""
+        if event.fraction >= 1:
+            self.started = time.monotonic()  # steps are timed from here: preparing is not a step
+            how = "reused from an earlier run" if event.cached else f"prepared in {event.elapsed_s:.0f} s"
+            message = f"Training data ready: {event.n_examples} examples, {how}"
+        elif event.fraction - self._data_reported >= 0.1:
+            self._data_reported = event.fraction
+            message = f"Preparing data: {event.fraction:.0%} done, est. {event.eta_s:.0f} s to first step"
+        else:
+            return
+        data = {"fraction": event.fraction, "elapsed_s": event.elapsed_s, "eta_s": event.eta_s}
+        with session_scope(self.sessions) as session:
+            add_event(session, self.job_id, message, data=data)
+            if event.fraction < 1:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value)
+                    .values(estimated_finish=now() + int(event.eta_s))
+                )
 
     def _on_resumed(self, event: ResumedEvent) -> None:
         step = event.step

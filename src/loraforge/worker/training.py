@@ -359,12 +359,14 @@ def _trainer_error(run: RunProgress, returncode: int) -> JobError:
 def _fail(
     settings: Settings, sessions: sessionmaker[Session], job_id: str, wid: str, error: JobError
 ) -> None:
-    """Fail the job if this worker still holds its lease (and drop the partial adapter)."""
+    """Fail the job if this worker still holds its lease (and drop the partial adapter and the
+    tokenized data: a failed job is not resumed)."""
     with session_scope(sessions) as session:
         ok = fail(session, job_id, error, expect={"worker_id": wid})
     if ok:
         _observe_end(sessions, job_id)
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
+        shutil.rmtree(artefacts.data_dir(settings, job_id), ignore_errors=True)
         delete_dir(open_store(settings), adapter_key(job_id))
     else:
         _abandon(settings, sessions, job_id)
