@@ -92,6 +92,10 @@ def test_job_survives_the_loss_of_its_host(cluster: Cluster) -> None:
     step = fetched[0].data["step"]
     assert step % 5 == 0 and step >= 10 and fetched[0].data["checkpoint"].startswith(f"checkpoints/{job.id}/")
     assert f"Resumed from checkpoint at step {step}/80" in texts
+    # B fetched A's tokenized data with the checkpoint and reused it: no second tokenization.
+    assert any(t.startswith("Fetched the prepared training data from the object store") for t in texts), texts
+    ready = [t for t in texts if t.startswith("Training data ready:")]
+    assert len(ready) == 2 and sum(t.endswith("reused from an earlier run") for t in ready) == 1, ready
     assert texts.count("Fine-tuning job started") == 2
     assert_every_step_once(metrics(client, job.id), 80)
     # B read the training file through its checked cache, not from A's (deleted) disk.

@@ -145,6 +145,7 @@ def remove_adapter_files(settings: Settings, deleted: DeletedModels) -> None:
         # The job's tokenized training data, if a run left it here (``worker/artefacts.py``'s
         # ``data_dir``; the worker drops it when the job ends, this catches an interrupted one).
         shutil.rmtree(settings.runs_dir / deleted.job_id / "data", ignore_errors=True)
+        store.delete_prefix(storage.data_prefix(deleted.job_id))
     else:
         prefix = archive_root(deleted.id)
         shutil.rmtree(settings.exports_dir / deleted.job_id / prefix, ignore_errors=True)

@@ -109,6 +109,12 @@ class TrainPlan(BaseModel):
         return min(self.checkpoint_layers, num_layers)
 
 
+# Written last into each prepared data directory under ``data_dir/<cache key>``: a directory
+# without it is incomplete (the trainer's ``dataset.py`` writes it, the worker's ``data_sync.py``
+# mirrors only such directories to the object store).
+DATA_PREPARED = "prepared.json"
+
+
 class TrainSpec(BaseModel):
     """Everything one training run needs; the same spec gives the same adapter (on CPU)."""
 

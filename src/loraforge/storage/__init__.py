@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # the engine's benchmark runs without pydantic-settings
 ADAPTERS = "adapters"
 CHECKPOINTS = "checkpoints"
 EXPORTS = "exports"
+DATA = "data"
 _ID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 # What an adapter reference may be: a final adapter or a checkpoint of a job; nothing else.
 ADAPTER_REF = re.compile(rf"^(?:{ADAPTERS}/{_ID}|{CHECKPOINTS}/{_ID}/step-\d{{1,12}})$")
@@ -44,6 +45,12 @@ def adapter_key(job_id: str) -> str:
 def checkpoints_prefix(job_id: str) -> str:
     """The prefix under which a job's checkpoints live."""
     return f"{CHECKPOINTS}/{job_id}"
+
+
+def data_prefix(job_id: str) -> str:
+    """The prefix under which a job's tokenized training data lives (one sealed directory per
+    cache key: what a run resumed on another host reuses instead of tokenizing again)."""
+    return f"{DATA}/{job_id}"
 
 
 def checkpoint_key(job_id: str, dir_name: str) -> str:

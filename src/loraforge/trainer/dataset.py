@@ -34,6 +34,7 @@ import datasets
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from loraforge.contracts.train_spec import DATA_PREPARED
 from loraforge.preflight.validate import parse_line
 from loraforge.trainer.data import (
     IGNORE_INDEX,
@@ -48,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the prepared layout or the tokenization changes: old caches are then not reused.
 CACHE_VERSION = 1
-PREPARED = "prepared.json"
+PREPARED = DATA_PREPARED
 # Rows per map() batch, and the rows per part (progress is reported after each part).
 MAP_BATCH = 500
 PART_ROWS = 20_000

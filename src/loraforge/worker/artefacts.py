@@ -24,7 +24,7 @@ from loraforge.engines import fleet_for
 from loraforge.jobs import checkpoints
 from loraforge.jobs.naming import checkpoint_model_name
 from loraforge.settings import Settings
-from loraforge.storage import adapter_key, checkpoints_prefix, open_store
+from loraforge.storage import adapter_key, checkpoints_prefix, data_prefix, open_store
 from loraforge.storage.sealed import delete_dir
 
 CHECKPOINTS = "checkpoints"
@@ -81,6 +81,7 @@ def remove_job_artefacts(settings: Settings, sessions: sessionmaker[Session], jo
     store = open_store(settings)
     delete_dir(store, adapter_key(job_id))  # the seal first: no reader trusts a half-deleted one
     store.delete_prefix(checkpoints_prefix(job_id))
+    store.delete_prefix(data_prefix(job_id))
     shutil.rmtree(folder, ignore_errors=True)
     shutil.rmtree(data_dir(settings, job_id), ignore_errors=True)
     shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)

@@ -11,7 +11,10 @@ directories (``worker/artefacts.py``). This module is the worker's side of the o
   ones the trainer pruned, and only then records an epoch checkpoint as a model: a checkpoint the
   API lists is in the store;
 * at the end, :func:`publish_adapter` uploads the final adapter, and :func:`strip_training_state`
-  drops the optimizer/RNG state of a finished job's checkpoints in the store.
+  drops the optimizer/RNG state of a finished job's checkpoints and its prepared data in the store.
+
+The run's prepared (tokenized) data goes to the store before its first checkpoint and comes back
+with it (``worker/data_sync.py``).
 
 Uploads are sealed (:mod:`loraforge.storage.sealed`): a host that dies mid-upload leaves nothing
 a reader would trust.
@@ -48,7 +51,7 @@ from loraforge.storage import (
 )
 from loraforge.storage.blobs import BlobStore
 from loraforge.storage.sealed import delete_dir, drop_file, put_dir, read_seal, sealed_children
-from loraforge.worker import artefacts
+from loraforge.worker import artefacts, data_sync
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +168,7 @@ def strip_training_state(settings: Settings, job_id: str) -> None:
     """Drop the optimizer/RNG state of a finished job's checkpoints, here and in the store; the
     adapters stay servable."""
     artefacts.strip_training_state(settings, job_id)
+    data_sync.drop_prepared(settings, job_id)
     store = open_store(settings)
     prefix = checkpoints_prefix(job_id)
     for name in sealed_children(store, prefix):
@@ -200,6 +204,7 @@ class CheckpointMirror:
         self._thread: threading.Thread | None = None
         self._aborted = threading.Event()
         self.uploaded: list[int] = []
+        self._data_stored = False
 
     def submit(self, event: CheckpointEvent) -> None:
         """Queue ``event``'s checkpoint for upload (the thread starts with the first one)."""
@@ -251,6 +256,7 @@ class CheckpointMirror:
         store = open_store(self.settings)
         local = Path(event.path)
         key = checkpoint_key(self.job_id, local.name)
+        self._store_data()
         for removed in event.removed:
             delete_dir(store, checkpoint_key(self.job_id, Path(removed).name))
         try:
@@ -265,6 +271,17 @@ class CheckpointMirror:
         self._prune(store, event.step)
         if event.kind == "epoch":
             self._record(event, key)
+
+    def _store_data(self) -> None:
+        """Before the run's first checkpoint is stored, its prepared data: a host resuming from
+        that checkpoint then reuses the tokenized data instead of preparing it again."""
+        if self._data_stored:
+            return
+        try:
+            data_sync.upload_prepared(self.settings, self.job_id)
+            self._data_stored = True
+        except Exception:  # noqa: BLE001 - tried again with the next checkpoint; a resume re-tokenizes
+            log.exception("job %s: storing its prepared data failed", self.job_id)
 
     def _kind(self, store: BlobStore, name: str) -> str:
         """``epoch`` or ``pause``: as this run uploaded it, else from its stored ``checkpoint.json``."""

@@ -37,7 +37,7 @@ from loraforge.ops.metrics import worker_metrics
 from loraforge.settings import Settings
 from loraforge.storage import adapter_key, open_store
 from loraforge.storage.sealed import delete_dir
-from loraforge.worker import admission, artefacts, job_spec, results, store_sync
+from loraforge.worker import admission, artefacts, data_sync, job_spec, results, store_sync
 from loraforge.worker.gpu_leases import GpuLease
 from loraforge.worker.progress import RunProgress
 from loraforge.worker.trainer_process import TrainerProcess
@@ -151,6 +151,7 @@ def _start(settings: Settings, sessions: sessionmaker[Session], job_id: str, wid
         # This disk may never have seen the job (another host ran it until it died): its newest
         # checkpoint comes from the store, and the trainer resumes from it.
         store_sync.restore_checkpoint(settings, sessions, job_id)
+        data_sync.restore_prepared(settings, sessions, job_id)
     except Exception as exc:  # noqa: BLE001 - the store is the job's memory: wait for it
         store_sync.give_back(sessions, job_id, wid, exc)
         return None
@@ -367,6 +368,7 @@ def _fail(
         _observe_end(sessions, job_id)
         shutil.rmtree(settings.adapters_dir / job_id, ignore_errors=True)
         shutil.rmtree(artefacts.data_dir(settings, job_id), ignore_errors=True)
+        data_sync.drop_prepared(settings, job_id)
         delete_dir(open_store(settings), adapter_key(job_id))
     else:
         _abandon(settings, sessions, job_id)
