@@ -190,7 +190,8 @@ def cache_key(file_sha: str, tokenizer: Any, max_seq_length: int | None, method:
     parts = [
         f"v{CACHE_VERSION}",
         file_sha,
-        str(getattr(tokenizer, "name_or_path", "")),
+        # The tokenizer by its content, not its ``name_or_path``: that is a folder of this host,
+        # and a run resumed on another host must find the data prepared on the first.
         tok,
         template,
         special,
