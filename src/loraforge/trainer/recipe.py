@@ -181,7 +181,9 @@ def _prepare_files(
 ) -> tuple[ArrowExamples, ArrowExamples]:
     """The training and validation files as memory-mapped examples (rank 0 prepares, others wait)."""
     # Under `accelerate launch` torch.distributed is not up yet: the launcher's RANK says who we are.
-    follower = int(os.environ.get("RANK", "0") or 0) != 0
+    # Only a shared ``data_dir`` can be waited for: without one each rank has a scratch folder of
+    # its own (a follower would wait for ever) and prepares the same rows itself.
+    follower = spec.data_dir is not None and int(os.environ.get("RANK", "0") or 0) != 0
 
     def progress(fraction: float, elapsed: float, left: float) -> None:
         # A file prepared within a second needs no progress report, only the "ready" line.
