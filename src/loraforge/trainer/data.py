@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,24 @@ def read_chat_jsonl(
         TrainingDataError: ``invalid_training_file`` for an unreadable file or a bad line (the
             message names the line), ``invalid_n_examples`` for too few examples.
     """
+    return read_jsonl_examples(path, _validate_example, param=param, min_examples=min_examples)
+
+
+def read_jsonl_examples(
+    path: str | Path,
+    validate: Callable[[Any], dict[str, Any]],
+    *,
+    param: str = "training_file",
+    min_examples: int = MIN_TRAINING_EXAMPLES,
+) -> list[dict[str, Any]]:
+    """Read a JSONL file whole, one ``validate(json.loads(line))`` record per non-blank line (the
+    reading shared by chat files and DPO's preference files).
+
+    Raises:
+        TrainingDataError: ``invalid_training_file`` for an unreadable file or a line ``validate``
+            refuses with a ``ValueError`` (the message names the line), ``invalid_n_examples`` for
+            fewer than ``min_examples``.
+    """
     label = "Training file" if param == "training_file" else "Validation file"
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -116,7 +135,7 @@ def read_chat_jsonl(
         if not line.strip():
             continue
         try:
-            examples.append(_validate_example(json.loads(line)))
+            examples.append(validate(json.loads(line)))
         except ValueError as exc:  # json.JSONDecodeError is a ValueError
             raise TrainingDataError(
                 "invalid_training_file", f"{label} has an invalid example on line {lineno}: {exc}", param

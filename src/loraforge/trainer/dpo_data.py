@@ -15,7 +15,6 @@ fails as ``invalid_training_file`` with its line.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +24,7 @@ from loraforge.trainer.data import (
     MIN_TRAINING_EXAMPLES,
     TokenizedExample,
     TrainingDataError,
+    read_jsonl_examples,
     tokenize_example,
 )
 
@@ -126,28 +126,7 @@ def read_preference_jsonl(
     Raises:
         TrainingDataError: ``invalid_training_file`` (names the line) or ``invalid_n_examples``.
     """
-    label = "Training file" if param == "training_file" else "Validation file"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise TrainingDataError("invalid_training_file", f"{label} could not be read: {exc}", param) from exc
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append(_validate_line(json.loads(line)))
-        except ValueError as exc:
-            raise TrainingDataError(
-                "invalid_training_file", f"{label} has an invalid example on line {lineno}: {exc}", param
-            ) from exc
-    if len(records) < min_examples:
-        raise TrainingDataError(
-            "invalid_n_examples",
-            f"{label} has {len(records)} example(s), but must have at least {min_examples} examples",
-            param,
-        )
-    return records
+    return read_jsonl_examples(path, _validate_line, param=param, min_examples=min_examples)
 
 
 def tokenize_pair(
