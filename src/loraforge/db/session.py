@@ -51,6 +51,33 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+class ReadOnlySessionError(RuntimeError):
+    """A session made for a read-only request tried to write (a programming error)."""
+
+
+def make_read_sessionmaker(engine: Engine) -> sessionmaker[Session] | None:
+    """Sessions for requests that only read, on PostgreSQL; None elsewhere.
+
+    They run in autocommit: no ``BEGIN`` and ``COMMIT`` round trips around the request's
+    queries, and nothing to commit afterwards, so the request needs no thread for it. Under READ
+    COMMITTED, PostgreSQL's default, each statement sees its own snapshot inside a transaction
+    too: the reads see the same data. On SQLite a transaction is what gives a request's
+    statements one snapshot, and it costs no round trip: None, the usual sessions are used.
+    A flush in one of these sessions raises :class:`ReadOnlySessionError` (it would commit
+    statement by statement).
+    """
+    if engine.dialect.name != "postgresql":
+        return None
+    factory = sessionmaker(engine.execution_options(isolation_level="AUTOCOMMIT"), expire_on_commit=False)
+
+    @event.listens_for(factory, "before_flush")
+    def _refuse_writes(session: Session, _context: Any, _instances: Any) -> None:
+        if session.new or session.dirty or session.deleted:
+            raise ReadOnlySessionError("a read-only request's session tried to write")
+
+    return factory
+
+
 @contextmanager
 def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
