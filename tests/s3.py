@@ -19,11 +19,7 @@ from pathlib import Path
 
 import pytest
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.net import free_port
 
 
 @dataclass
@@ -66,7 +62,7 @@ def start_s3(log_dir: Path, timeout: float = 60) -> S3Server:
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     if not Path(exe).exists():
         pytest.skip("moto's S3 server is not installed (moto[server], in the dev extra)")
-    port = _free_port()
+    port = free_port()
     log_path = log_dir / "moto.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log)

@@ -20,7 +20,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.integration.conftest import _postgres_database, free_port, reachable
+from tests.net import free_port, reachable
+from tests.postgres import create_database
 from tests.s3 import S3Server
 
 TINY = "loraforge/tiny-llama"
@@ -139,7 +140,7 @@ def make_cluster(root: Path, s3: S3Server, *, need_redis: bool = False, **settin
     redis_up = reachable("127.0.0.1", 6379)
     if need_redis and not redis_up:
         pytest.skip("Redis is not running on 127.0.0.1:6379")
-    db = _postgres_database() if redis_up else None
+    db = create_database() if redis_up else None
     cleanup = None
     if redis_up:
         import redis

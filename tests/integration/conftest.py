@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,25 +21,12 @@ import pytest
 from openai import OpenAI
 
 from tests.helpers import CITIES, to_jsonl, tool_call_examples
+from tests.net import free_port, reachable
+from tests.postgres import create_database
 from tests.s3 import S3Server
 
-PG_ADMIN_URL = os.environ.get("LORAFORGE_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LORAFORGE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 START_TIMEOUT = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def reachable(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass
@@ -102,27 +87,6 @@ def _wait_healthy(stack: Stack) -> None:
     pytest.fail(f"loraforge serve not healthy after {START_TIMEOUT}s:\n{stack.log_tail()}")
 
 
-def _postgres_database() -> tuple[str, Callable[[], None]] | None:
-    """A fresh PostgreSQL database and a function that drops it, or None if unreachable."""
-    if not reachable("127.0.0.1", 5432):
-        return None
-    import psycopg
-
-    name = f"loraforge_test_{uuid.uuid4().hex[:10]}"
-    admin = PG_ADMIN_URL
-    try:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.Error:
-        return None
-
-    def drop() -> None:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return admin.rsplit("/", 1)[0] + f"/{name}", drop
-
-
 def start_stack(home: Path, extra_env: dict[str, str], backend: str = "embedded") -> Stack:
     api_port, engine_port = free_port(), free_port()
     env = {
@@ -177,7 +141,7 @@ def scale_out_env(s3: S3Server) -> tuple[str, dict[str, str], Callable[[], None]
         The backend's name, its environment and a clean-up function (None: nothing to clean).
     """
     env = {**s3.env, "LORAFORGE_STORAGE_URL": s3.new_url("stack")}
-    db = _postgres_database() if reachable("127.0.0.1", 6379) else None
+    db = create_database() if reachable("127.0.0.1", 6379) else None
     if db is None:
         return "sqlite-filesystem-s3", env, None
     url, cleanup = db

@@ -13,14 +13,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.testclient import TestClient
@@ -35,7 +33,7 @@ from loraforge.settings import Settings
 from loraforge.worker.batch_reaper import stranded
 from loraforge.worker.batches import run_batch
 from tests.conftest import TEST_POOLS, RecordingDispatcher
-from tests.integration.conftest import free_port
+from tests.net import serve_in_thread
 from tests.unit.test_openapi_schemas import assert_valid
 
 TINY = "loraforge/tiny-llama"
@@ -117,18 +115,8 @@ class FakeEngine:
 @pytest.fixture
 def engine() -> Iterator[tuple[str, FakeEngine]]:
     fake = FakeEngine()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(fake.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", fake
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_in_thread(fake.app) as url:
+        yield url, fake
 
 
 @pytest.fixture

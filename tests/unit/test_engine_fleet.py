@@ -7,12 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
@@ -20,7 +17,7 @@ from loraforge.contracts.engine import LoadLoRAAdapterRequest
 from loraforge.engines import EngineClient, EngineFleet, EngineReply, EngineStream, ReplicaBalancer, fleet_for
 from loraforge.errors import ServiceUnavailableError
 from loraforge.settings import Settings
-from tests.integration.conftest import free_port
+from tests.net import serve_in_thread
 
 
 def test_least_loaded_first_and_round_robin_ties() -> None:
@@ -85,18 +82,8 @@ def _dead_url() -> str:
 @pytest.fixture
 def vllm() -> Iterator[tuple[str, list[str]]]:
     app, loaded = _fake_vllm()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}", loaded
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with serve_in_thread(app) as url:
+        yield url, loaded
 
 
 def test_failover_and_hot_load_on_a_vllm_style_replica(vllm: tuple[str, list[str]]) -> None:

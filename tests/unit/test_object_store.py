@@ -185,9 +185,9 @@ def test_engine_adapter_store_fetches_checks_and_hides_locations(s3_store: BlobS
 
 @pytest.mark.slow  # moto's server
 def test_unreachable_store_fails_ping_with_a_reason(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from tests.s3 import _free_port
+    from tests.net import free_port
 
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(key, "testing")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

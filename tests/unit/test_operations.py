@@ -8,10 +8,8 @@ from __future__ import annotations
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +17,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
@@ -35,6 +32,7 @@ from loraforge.serving.app import create_engine_app
 from loraforge.settings import Settings
 from tests.conftest import RecordingDispatcher
 from tests.helpers import chat_examples, to_jsonl
+from tests.net import free_port, serve_in_thread
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -52,12 +50,6 @@ def value(text: str, name: str, **labels: str) -> float | None:
     return samples(text).get((name, tuple(sorted(labels.items()))))
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def sessions(settings: Settings, api: TestClient) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(settings)
@@ -69,18 +61,8 @@ def sessions(settings: Settings, api: TestClient) -> Iterator[sessionmaker[Sessi
 def fake_engine_url() -> Iterator[str]:
     """A real HTTP engine app (a fake model) on a loopback port: what ``/readyz`` probes."""
     fake = SimpleNamespace(prepare=None, base_model="loraforge/tiny-llama", loaded_adapters=lambda: [])
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_engine_app(fake), host="127.0.0.1", port=port, log_level="warning")
-    )  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(5)
+    with serve_in_thread(create_engine_app(fake)) as url:  # type: ignore[arg-type]
+        yield url
 
 
 def test_healthz_is_alive_without_dependencies(api: TestClient) -> None:

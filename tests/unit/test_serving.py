@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +29,7 @@ from loraforge.serving.errors import AdapterNotLoaded, BaseModelMismatch, Unknow
 from loraforge.settings import Settings
 from loraforge.storage import BlobStore, LocalCache
 from loraforge.storage.sealed import put_dir, unseal
+from tests.net import serve_in_thread
 from tests.unit.lora_helpers import ANSWER, PROMPT, SYSTEM, train_adapter
 
 BASE = "loraforge/tiny-llama"
@@ -403,26 +403,8 @@ def test_an_engine_that_cannot_load_its_model_says_why_and_asks_to_stop() -> Non
     assert [type(exc) for exc in failures] == [OSError]
 
 
-def _serve(app) -> tuple[str, object, threading.Thread]:
-    import uvicorn
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return f"http://127.0.0.1:{port}", server, thread
-
-
 @pytest.mark.slow  # a live engine server
 def test_engine_client_against_live_server(engine, adapter_store):
-    url, server, thread = _serve(create_engine_app(engine, adapter_store=adapter_store))
     name = "ft:tiny-llama:client:ftjob-client"
     payload = {"model": name, "messages": PROMPT, "temperature": 0}
 
@@ -445,14 +427,11 @@ def test_engine_client_against_live_server(engine, adapter_store):
             assert text == ANSWER
             assert await client.unload_adapter(name) is True and await client.unload_adapter(name) is False
 
-    try:
+    with serve_in_thread(create_engine_app(engine, adapter_store=adapter_store), lifespan="off") as url:
         asyncio.run(scenario())
         EngineClient(url).load_adapter_sync(name, REF)
         assert name in engine.loaded_adapters()
         assert EngineClient(url).unload_adapter_sync(name) is True
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_client_and_app_import_without_torch():
